@@ -1,0 +1,116 @@
+"""mana-llm: an OpenAI-compatible LLM gateway with health-aware fallback.
+
+``create_app`` builds everything a worker needs (config, provider
+adapters, alias registry, health cache, prober, chain walker, metrics
+recorder), hangs it on ``app.extensions["mana_llm"]`` and registers the
+blueprints. Nothing is started here: gunicorn's ``post_worker_init``
+hook calls ``Gateway.start`` after fork, because threads do not survive
+a fork.
+"""
+
+import json
+from dataclasses import dataclass
+
+from flask import Flask
+
+from app import config as config_module
+from app.auth import install_auth
+from app.cors import install_cors
+from app.errors import register_error_handlers
+from app.metrics import LabelCap, Recorder
+from app.providers import KNOWN_PROVIDERS, build_providers
+from app.redact import Redactor
+from app.request_log import configure_logging, install_request_log
+from app.routing.aliases import AliasRegistry, load_aliases, parse_aliases
+from app.routing.breaker import HealthCache
+from app.routing.fallback import ChainWalker
+from app.routing.probes import Prober
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class Gateway:
+    """The state of one worker, built once and shared by its threads."""
+
+    config: dict
+    providers: dict
+    aliases: AliasRegistry
+    health: HealthCache
+    prober: Prober
+    walker: ChainWalker
+    recorder: Recorder
+    redactor: Redactor
+
+    @property
+    def configured(self):
+        return {name: p for name, p in self.providers.items() if p.configured}
+
+    def start(self):
+        """Start the background work of a worker (after fork)."""
+        for name in self.configured:
+            self.recorder.provider_health(name, True)
+        self.prober.start()
+
+    def stop(self):
+        self.prober.stop()
+        for provider in self.providers.values():
+            provider.close()
+
+
+def load_alias_table(config):
+    """Return the alias table: the master's accepted snapshot if any, else the file."""
+    snapshot = config.get("MANA_LLM_ALIASES_SNAPSHOT")
+    if snapshot:
+        return parse_aliases(json.loads(snapshot))
+    return load_aliases(config["ALIASES_PATH"])
+
+
+def build_gateway(config):
+    """Build a worker's Gateway from a validated config."""
+    providers = build_providers(config)
+    configured = {name: p for name, p in providers.items() if p.configured}
+    table = load_alias_table(config)
+    health = HealthCache(configured, threshold=config["FAILURE_THRESHOLD"],
+                         backoff=config["UNHEALTHY_BACKOFF"])
+    prober = Prober(configured, health, interval=config["PROBE_INTERVAL"],
+                    timeout=config["PROBE_TIMEOUT"])
+    known = {""} | set(table.aliases)
+    for alias in table.aliases.values():
+        known.update(e.label for e in alias.chain)
+        known.update(e.model for e in alias.chain)
+    recorder = Recorder(LabelCap(config["METRICS_LABEL_CAP"], known))
+    health.subscribe(recorder.provider_health)
+    walker = ChainWalker(providers, health, prober, recorder)
+    return Gateway(config, providers, AliasRegistry(table), health, prober, walker,
+                   recorder, Redactor(config_module.secrets(config)))
+
+
+def create_app(test_config=None):
+    """Build the Flask app; ``test_config`` replaces the environment (tests)."""
+    if test_config is None:
+        cfg = config_module.from_env(dotenv_path=".env")
+    else:
+        cfg = config_module.build_config(test_config)
+    gateway = build_gateway(cfg)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = cfg["MAX_BODY_BYTES"]
+    app.json.sort_keys = False
+    app.extensions["mana_llm"] = gateway
+    configure_logging(cfg["LOG_LEVEL"], gateway.redactor)
+    install_request_log(app, gateway.recorder)
+    install_auth(app, cfg["GPU_API_KEY"], cfg["GPU_REQUIRE_AUTH"])
+    install_cors(app, cfg["CORS_ORIGINS"])
+    register_error_handlers(app, gateway.redactor)
+    _register_blueprints(app)
+    return app
+
+
+def _register_blueprints(app):
+    from app.api import aliases, chat, health, metrics, models
+
+    for module in (chat, models, aliases, health, metrics):
+        app.register_blueprint(module.bp)
+
+
+__all__ = ["create_app", "KNOWN_PROVIDERS", "__version__"]

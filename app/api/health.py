@@ -1,0 +1,35 @@
+"""``GET /v1/health`` (the health cache in full) and ``GET /health`` (liveness)."""
+
+from flask import Blueprint, current_app, jsonify
+
+import app as package
+
+bp = Blueprint("health", __name__)
+
+
+def provider_states(gateway):
+    """Return the health of every configured provider."""
+    snapshot = gateway.health.snapshot()
+    return {name: snapshot[name] for name in gateway.configured if name in snapshot}
+
+
+def overall(states):
+    """Return healthy, degraded (some providers down) or unhealthy (all down)."""
+    down = sum(1 for s in states.values() if s["status"] != "healthy")
+    if not down:
+        return "healthy"
+    return "unhealthy" if down == len(states) else "degraded"
+
+
+@bp.get("/v1/health")
+def detailed_health():
+    states = provider_states(current_app.extensions["mana_llm"])
+    return jsonify({"status": overall(states), "providers": states})
+
+
+@bp.get("/health")
+def liveness():
+    states = provider_states(current_app.extensions["mana_llm"])
+    return jsonify({"status": overall(states), "service": "mana-llm",
+                    "version": package.__version__,
+                    "providers": {name: s["status"] for name, s in states.items()}})

@@ -1,0 +1,139 @@
+"""Configuration: defaults, reading the environment once, validation.
+
+Nothing here does I/O at import. ``from_env`` reads ``os.environ`` (and a
+``.env`` file when asked); ``build_config`` validates a mapping of raw
+values, so tests build apps from a dict and the environment goes through
+exactly the same checks.
+"""
+
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Cloud providers speaking the OpenAI wire format, and Gemini's REST API.
+# name -> default base URL. Ollama is always configured.
+CLOUD_PROVIDERS = {
+    "openrouter": "https://openrouter.ai/api/v1",
+    "groq": "https://api.groq.com/openai/v1",
+    "together": "https://api.together.xyz/v1",
+    "openai": "https://api.openai.com/v1",
+    "google": "https://generativelanguage.googleapis.com/v1beta",
+}
+
+_FLOATS = {
+    "CONNECT_TIMEOUT": 3.0,
+    "OLLAMA_TIMEOUT": 120.0,
+    "UPSTREAM_TIMEOUT": 120.0,
+    "UNHEALTHY_BACKOFF": 60.0,
+    "RATE_LIMIT_COOLDOWN": 15.0,
+    "PROBE_INTERVAL": 30.0,
+    "PROBE_TIMEOUT": 3.0,
+    "STREAM_IDLE_TIMEOUT": 60.0,
+}
+_INTS = {
+    "PORT": 3025,
+    "FAILURE_THRESHOLD": 2,
+    "MAX_BODY_BYTES": 20 * 1024 * 1024,
+    "GUNICORN_THREADS": 32,
+    "METRICS_LABEL_CAP": 50,
+}
+_STRINGS = {
+    "LOG_LEVEL": "info",
+    "ALIASES_PATH": os.path.join(REPO_ROOT, "aliases.yaml"),
+    "OLLAMA_URL": "http://localhost:11434",
+    "GPU_API_KEY": "",
+    "CORS_ORIGINS": "",
+    "PROMETHEUS_MULTIPROC_DIR": "",
+    # Set by gunicorn's master: the last alias file it accepted (JSON).
+    "MANA_LLM_ALIASES_SNAPSHOT": "",
+}
+_BOOLS = {"GPU_REQUIRE_AUTH": True}
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+for _name, _url in CLOUD_PROVIDERS.items():
+    _STRINGS[f"{_name.upper()}_API_KEY"] = ""
+    _STRINGS[f"{_name.upper()}_BASE_URL"] = _url
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+def from_env(environ=None, dotenv_path=None):
+    """Return the validated config from the environment (and a .env file)."""
+    environ = dict(os.environ if environ is None else environ)
+    if dotenv_path and os.path.exists(dotenv_path):
+        from dotenv import dotenv_values
+
+        for key, value in dotenv_values(dotenv_path).items():
+            environ.setdefault(key, value or "")
+    known = set(_FLOATS) | set(_INTS) | set(_STRINGS) | set(_BOOLS)
+    return build_config({k: v for k, v in environ.items() if k in known})
+
+
+def build_config(raw):
+    """Return a config dict: defaults overlaid with ``raw``, every value checked."""
+    config = {}
+    for name, default in _FLOATS.items():
+        config[name] = _number(name, raw.get(name, default), float)
+    for name, default in _INTS.items():
+        config[name] = _number(name, raw.get(name, default), int)
+    for name, default in _STRINGS.items():
+        value = raw.get(name, default)
+        config[name] = default if value is None else str(value).strip()
+    for name, default in _BOOLS.items():
+        config[name] = _boolean(name, raw.get(name, default))
+    _check(config)
+    config["CORS_ORIGINS"] = [o.strip() for o in config["CORS_ORIGINS"].split(",")
+                              if o.strip()]
+    # Test hooks and anything else the caller passed that we do not parse.
+    for name, value in raw.items():
+        config.setdefault(name, value)
+    return config
+
+
+def _number(name, value, kind):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if number != number or number < 0 or number in (float("inf"),):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def _boolean(name, value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _check(config):
+    if config["LOG_LEVEL"].lower() not in _LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
+    for name in ("CONNECT_TIMEOUT", "PROBE_TIMEOUT", "STREAM_IDLE_TIMEOUT",
+                 "OLLAMA_TIMEOUT", "UPSTREAM_TIMEOUT"):
+        if config[name] <= 0:
+            raise ConfigError(f"{name} must be greater than 0")
+    for name in ("FAILURE_THRESHOLD", "MAX_BODY_BYTES", "GUNICORN_THREADS"):
+        if config[name] < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if not 0 < config["PORT"] < 65536:
+        raise ConfigError("PORT must be between 1 and 65535")
+    for name in ["OLLAMA_URL"] + [f"{p.upper()}_BASE_URL" for p in CLOUD_PROVIDERS]:
+        if not config[name].startswith(("http://", "https://")):
+            raise ConfigError(f"{name} must be an http(s) URL, got {config[name]!r}")
+    for name in [f"{p.upper()}_API_KEY" for p in CLOUD_PROVIDERS] + ["GPU_API_KEY"]:
+        if config[name] and not config[name].isascii():
+            raise ConfigError(f"{name} must be ASCII (HTTP headers carry it)")
+
+
+def secrets(config):
+    """Return every secret in the config, for redaction."""
+    names = [f"{p.upper()}_API_KEY" for p in CLOUD_PROVIDERS] + ["GPU_API_KEY"]
+    return [config[n] for n in names if config.get(n)]

@@ -1,0 +1,124 @@
+"""Metric definitions (SPEC §10), the recorder the router calls, and /metrics.
+
+The metrics are defined once per process, here. Under gunicorn,
+``PROMETHEUS_MULTIPROC_DIR`` is set by the master before any worker
+imports ``prometheus_client``, so every value lives in a per-process
+mmap file and ``render`` aggregates them with a fresh registry per
+scrape (prometheus_client's multiprocess mode).
+"""
+
+import os
+import threading
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+from prometheus_client import multiprocess
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OVERFLOW = "other"
+
+REQUESTS = Counter("mana_llm_requests_total", "HTTP requests",
+                   ["method", "endpoint", "status"])
+REQUEST_LATENCY = Histogram("mana_llm_request_latency_seconds", "HTTP latency",
+                            ["method", "endpoint"], buckets=LATENCY_BUCKETS)
+LLM_REQUESTS = Counter("mana_llm_llm_requests_total", "LLM calls made upstream",
+                       ["provider", "model", "streaming"])
+TOKENS = Counter("mana_llm_tokens_total", "Tokens reported by upstreams",
+                 ["provider", "model", "type"])
+LLM_LATENCY = Histogram("mana_llm_llm_latency_seconds",
+                        "Upstream latency (to the whole answer, or a stream's first chunk)",
+                        ["provider", "model"], buckets=LATENCY_BUCKETS)
+LLM_ERRORS = Counter("mana_llm_llm_errors_total", "Failed LLM calls",
+                     ["provider", "model", "error_type"])
+ALIAS_RESOLVED = Counter("mana_llm_alias_resolved_total", "Which entry served an alias",
+                         ["alias", "target"])
+FALLBACKS = Counter("mana_llm_fallback_total",
+                    "Each skip or failure that moved a chain on (to_model empty: ran out)",
+                    ["from_model", "to_model", "reason"])
+# livemin: each worker has its own health cache, so each writes its own
+# view; the scrape shows 0 when any live worker is skipping the provider
+# (some callers are being routed away from it), and a dead worker's
+# values drop out instead of freezing a stale 0 or 1.
+PROVIDER_HEALTHY = Gauge("mana_llm_provider_healthy", "1 healthy, 0 tripped",
+                         ["provider"], multiprocess_mode="livemin")
+
+
+class LabelCap:
+    """Bound the label values that callers invent.
+
+    Known values (aliases, chain entries, configured models) always pass;
+    any other value is admitted until ``cap`` distinct ones were seen in
+    this process, after which it is reported as ``other``. With W
+    workers a metric gains at most W x cap invented series.
+    """
+
+    def __init__(self, cap, known=()):
+        self._cap = cap
+        self._known = set(known)
+        self._seen = set()
+        self._lock = threading.Lock()
+
+    def add_known(self, values):
+        with self._lock:
+            self._known.update(values)
+
+    def __call__(self, value):
+        if value in self._known or value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._cap:
+                self._seen.add(value)
+                return value
+        return OVERFLOW
+
+
+class Recorder:
+    """What the router and the views tell the metrics; the only writer of them."""
+
+    def __init__(self, label_cap):
+        self.cap = label_cap
+
+    def http_request(self, method, endpoint, status, seconds):
+        REQUESTS.labels(method, endpoint, str(status)).inc()
+        REQUEST_LATENCY.labels(method, endpoint).observe(seconds)
+
+    def llm_success(self, entry, streaming, seconds):
+        model = self.cap(entry.model)
+        LLM_REQUESTS.labels(entry.provider, model, "true" if streaming else "false").inc()
+        LLM_LATENCY.labels(entry.provider, model).observe(seconds)
+
+    def llm_error(self, entry, asked, reason, streaming):
+        # Error-side metrics carry what the caller asked for.
+        LLM_ERRORS.labels(entry.provider, self.cap(asked), reason).inc()
+
+    def tokens(self, entry, usage):
+        if not usage:
+            return
+        model = self.cap(entry.model)
+        for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+            count = usage.get(key) or 0
+            if count > 0:
+                TOKENS.labels(entry.provider, model, kind).inc(count)
+
+    def chain_done(self, attempts, entries, alias, served):
+        """Record the walk: every entry moved past, and which entry served an alias."""
+        for attempt in attempts:
+            following = attempt.index + 1
+            to_model = entries[following].label if following < len(entries) else ""
+            FALLBACKS.labels(self.cap(attempt.model), self.cap(to_model),
+                             attempt.reason).inc()
+        if alias is not None and served is not None:
+            ALIAS_RESOLVED.labels(alias, served.label).inc()
+
+    def provider_health(self, provider, healthy):
+        PROVIDER_HEALTHY.labels(provider).set(1 if healthy else 0)
+
+
+def render():
+    """Return ``(body, content_type)`` of the exposition, aggregated over workers."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY as registry
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,302 @@
+"""What every provider shares: the transport, and how an upstream failure
+becomes one of our errors.
+
+A provider is translation plus a thin transport. ``Transport`` owns the
+pooled connection, the timeouts and the translation of ``requests`` and
+``urllib3`` exceptions into ``app.errors`` (the edge where they occur), so
+the router only ever sees our exception tree.
+"""
+
+import email.utils
+import json
+import socket
+import time
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
+
+from app import errors
+
+_READ_SIZE = 65536
+
+
+class Provider:
+    """Base of the provider adapters; subclasses translate, ``Transport`` sends."""
+
+    kind = "base"
+
+    def __init__(self, name, transport, *, configured=True, stream_idle_timeout=60.0):
+        self.name = name
+        self.transport = transport
+        self.configured = configured
+        self.stream_idle_timeout = stream_idle_timeout
+
+    def check_capabilities(self, body, model):
+        """Raise CapabilityError if ``model`` cannot serve ``body``."""
+
+    def chat(self, body, model):
+        """Return an OpenAI ``chat.completion`` dict for ``body``."""
+        raise NotImplementedError
+
+    def stream_chat(self, body, model):
+        """Yield OpenAI ``chat.completion.chunk`` dicts; close() closes upstream."""
+        raise NotImplementedError
+
+    def embed(self, inputs, model, body):
+        """Return ``(vectors, prompt_tokens)`` for a list of strings."""
+        raise NotImplementedError
+
+    def list_models(self):
+        """Return the model names the upstream serves."""
+        raise NotImplementedError
+
+    def probe(self, timeout):
+        """Raise an UpstreamError unless the upstream answers below 500."""
+        raise NotImplementedError
+
+    def close(self):
+        """Close pooled connections."""
+        self.transport.close()
+
+
+def parse_retry_after(value, default, now=None):
+    """Return seconds to wait from a Retry-After header (seconds or HTTP date)."""
+    if not value:
+        return default
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return default
+    if when is None:
+        return default
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def upstream_message(raw):
+    """Return the human message of an upstream error body (any provider's shape)."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text.strip()[:500] or "no message"
+    if isinstance(doc, dict):
+        err = doc.get("error", doc.get("detail", doc))
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("detail") or err)[:500]
+        if isinstance(err, str):
+            return err[:500]
+    return text.strip()[:500]
+
+
+def error_from_status(status, raw, headers, *, provider, model, cooldown):
+    """Return the error for an upstream answer with status >= 400.
+
+    This is the one place an upstream HTTP status is classified; the
+    error's class then says whether the walk trips, moves on or stops.
+    """
+    message = upstream_message(raw)
+    where = f"{provider}/{model}"
+    if status == 429:
+        wait = parse_retry_after(headers.get("Retry-After"), cooldown)
+        return errors.RateLimited(f"{where} is rate-limited: {message}",
+                                  retry_after=wait)
+    if status in (401, 403):
+        return errors.UpstreamAuthError(
+            f"{provider} refused the gateway's credentials ({status}): {message}")
+    if status == 404:
+        return errors.UpstreamModelNotFound(f"{where} not found upstream: {message}")
+    if status == 408 or status >= 500:
+        return errors.UpstreamError(f"{where} failed with HTTP {status}: {message}",
+                                    reason=f"HTTP {status}")
+    return errors.UpstreamInvalidRequest(message, reason=f"HTTP {status}")
+
+
+class Transport:
+    """One provider's pooled ``requests.Session``, its timeouts and its errors.
+
+    The session is shared by the worker's threads. ``requests`` does not
+    promise a shared Session is thread-safe, but what is unsafe in it is
+    the cookie jar and mutation of its settings: we never mutate it after
+    construction, upstream APIs set no cookies we read, and the urllib3
+    pool underneath is thread-safe. One pool sized to the worker's
+    threads keeps one kept-alive connection per concurrent call, where a
+    Session per thread would open threads x providers connections.
+    """
+
+    def __init__(self, provider, base_url, *, headers=None, connect_timeout,
+                 read_timeout, pool_size, cooldown=15.0):
+        self.provider = provider
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.cooldown = cooldown
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.headers.update(headers or {})
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def close(self):
+        self.session.close()
+
+    def _send(self, method, path, body, *, read_timeout, params=None):
+        try:
+            return self.session.request(
+                method, self.base_url + path, json=body, params=params, stream=True,
+                allow_redirects=False, timeout=(self.connect_timeout, read_timeout))
+        except requests.ConnectTimeout:
+            raise errors.UpstreamUnavailable(
+                f"{self.provider}: connect timeout after {self.connect_timeout:g}s",
+                reason="ConnectTimeout") from None
+        except requests.ReadTimeout:
+            raise errors.UpstreamUnavailable(
+                f"{self.provider}: no answer within {read_timeout:g}s",
+                reason="ReadTimeout") from None
+        except (requests.ConnectionError, Urllib3Error, OSError) as exc:
+            raise errors.UpstreamUnavailable(
+                f"{self.provider}: connection failed ({type(exc).__name__})",
+                reason="ConnectionError") from None
+        except requests.RequestException as exc:
+            raise errors.UpstreamError(f"{self.provider}: {type(exc).__name__}",
+                                       reason="RequestError") from None
+
+    def _read_body(self, response, deadline):
+        """Read the whole body, the read timeout bounding all of it."""
+        raw = response.raw
+        sock = _socket_of(raw)
+        parts = []
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout()
+                if sock is not None:
+                    sock.settimeout(remaining)
+                data = raw.read1(_READ_SIZE)
+                if not data:
+                    return b"".join(parts)
+                parts.append(data)
+        except (socket.timeout, ReadTimeoutError, requests.ReadTimeout):
+            raise errors.UpstreamUnavailable(
+                f"{self.provider}: response not complete within the read timeout",
+                reason="ReadTimeout") from None
+        except (Urllib3Error, requests.RequestException, OSError):
+            raise errors.UpstreamError(f"{self.provider}: connection closed early",
+                                       reason="closed-early") from None
+        finally:
+            response.close()
+
+    def request_json(self, method, path, body=None, *, model="", read_timeout=None,
+                     params=None):
+        """Send a request and return the decoded JSON answer, or raise our error."""
+        read_timeout = read_timeout or self.read_timeout
+        deadline = time.monotonic() + read_timeout
+        response = self._send(method, path, body, read_timeout=read_timeout,
+                              params=params)
+        raw = self._read_body(response, deadline)
+        if response.status_code >= 400:
+            raise error_from_status(response.status_code, raw, response.headers,
+                                    provider=self.provider, model=model,
+                                    cooldown=self.cooldown)
+        if 300 <= response.status_code < 400:
+            raise errors.UpstreamError(
+                f"{self.provider}: unexpected redirect ({response.status_code})",
+                reason=f"HTTP {response.status_code}")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise errors.UpstreamError(f"{self.provider}/{model}: malformed JSON answer",
+                                       reason="malformed-response") from None
+
+    def probe(self, path, timeout):
+        """Raise an UpstreamError unless ``path`` answers below 500 within ``timeout``."""
+        started = time.monotonic()
+        response = self._send("GET", path, None, read_timeout=timeout)
+        self._read_body(response, started + timeout)
+        if response.status_code >= 500:
+            raise errors.UpstreamError(f"{self.provider}: probe got HTTP "
+                                       f"{response.status_code}",
+                                       reason=f"HTTP {response.status_code}")
+
+    def open_stream(self, path, body, *, model, idle_timeout, params=None):
+        """Start a streamed request; return an ``UpstreamStream`` once headers are in."""
+        response = self._send("POST", path, body, read_timeout=idle_timeout,
+                              params=params)
+        if response.status_code >= 300:
+            raw = self._read_body(response, time.monotonic() + idle_timeout)
+            if response.status_code < 400:
+                raise errors.UpstreamError(f"{self.provider}: unexpected redirect",
+                                           reason=f"HTTP {response.status_code}")
+            raise error_from_status(response.status_code, raw, response.headers,
+                                    provider=self.provider, model=model,
+                                    cooldown=self.cooldown)
+        return UpstreamStream(self.provider, response, idle_timeout)
+
+
+class UpstreamStream:
+    """Lines of a streamed upstream answer; errors become ours, close() closes."""
+
+    def __init__(self, provider, response, idle_timeout):
+        self.provider = provider
+        self.response = response
+        self.idle_timeout = idle_timeout
+
+    def lines(self):
+        """Yield the body's lines (bytes, without line endings) as they arrive."""
+        raw = self.response.raw
+        pending = b""
+        try:
+            while True:
+                data = raw.read1(_READ_SIZE)
+                if not data:
+                    break
+                pending += data
+                if b"\n" not in data:
+                    continue
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    yield line.rstrip(b"\r")
+        except (socket.timeout, ReadTimeoutError, requests.ReadTimeout):
+            raise errors.UpstreamUnavailable(
+                f"{self.provider}: stream idle for more than {self.idle_timeout:g}s",
+                reason="StreamIdleTimeout") from None
+        except (Urllib3Error, requests.RequestException, OSError):
+            raise errors.UpstreamError(f"{self.provider}: stream closed early",
+                                       reason="closed-early") from None
+        if pending.strip():
+            yield pending.rstrip(b"\r")
+
+    def close(self):
+        self.response.close()
+
+
+def _socket_of(raw):
+    """Return the socket under a urllib3 response, if it can be reached."""
+    conn = getattr(raw, "connection", None) or getattr(raw, "_connection", None)
+    return getattr(conn, "sock", None)
+
+
+def sse_data(lines):
+    """Yield the decoded JSON of each ``data:`` event; stop at ``[DONE]``."""
+    for line in lines:
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        if not payload:
+            continue
+        try:
+            yield json.loads(payload)
+        except ValueError:
+            raise errors.UpstreamError("malformed event in upstream stream",
+                                       reason="malformed-response") from None

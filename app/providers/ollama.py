@@ -1,0 +1,242 @@
+"""Ollama's native API: ``/api/chat``, ``/api/embed``, ``/api/tags``.
+
+Pure functions translate our (OpenAI-shaped) request into Ollama's body
+and its answers and NDJSON stream lines back; ``OllamaProvider`` only
+sends them.
+"""
+
+import json
+import re
+import time
+
+from app import errors, shapes
+from app.providers.base import Provider
+
+# Model families Ollama can run tool calls with (SPEC §4).
+TOOL_FAMILIES = ("llama3.1", "llama3.2", "llama3.3", "qwen2.5", "qwen3", "mistral",
+                 "mixtral", "command-r", "firefunction")
+_OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict",
+                  "stop": "stop", "seed": "seed", "frequency_penalty": "frequency_penalty",
+                  "presence_penalty": "presence_penalty"}
+_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
+
+
+def supports_tools(model):
+    """Tell whether an Ollama model is known to support tool calls."""
+    family = model.rsplit("/", 1)[-1].split(":", 1)[0].lower()
+    return family.startswith(TOOL_FAMILIES)
+
+
+def _message_parts(content):
+    """Return ``(text, images)`` of an OpenAI message content."""
+    if content is None or isinstance(content, str):
+        return content or "", []
+    texts, images = [], []
+    for part in content:
+        if part["type"] == "text":
+            texts.append(part["text"])
+            continue
+        url = part["image_url"]["url"]
+        if not url.startswith("data:"):
+            # The gateway never fetches URLs on a caller's behalf (no SSRF).
+            raise errors.CapabilityError(
+                "ollama accepts images only as data: URLs; http(s) image URLs are "
+                "not fetched by the gateway", param="messages")
+        header, _, data = url.partition(",")
+        if ";base64" not in header or not data:
+            raise errors.InvalidRequest("image data: URL must be base64-encoded",
+                                        param="messages")
+        images.append(data)
+    return "\n".join(texts), images
+
+
+def _tool_calls_to_ollama(tool_calls):
+    out = []
+    for call in tool_calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments") or "{}"
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise errors.InvalidRequest("tool call arguments must be a JSON string",
+                                            param="messages") from None
+        out.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
+    return out
+
+
+def chat_body(body, model, stream):
+    """Return Ollama's ``/api/chat`` body for our request."""
+    messages = []
+    for message in body["messages"]:
+        text, images = _message_parts(message.get("content"))
+        out = {"role": message["role"], "content": text}
+        if images:
+            out["images"] = images
+        if message.get("tool_calls"):
+            out["tool_calls"] = _tool_calls_to_ollama(message["tool_calls"])
+        if message["role"] == "tool" and message.get("name"):
+            out["tool_name"] = message["name"]
+        messages.append(out)
+    request = {"model": model, "messages": messages, "stream": stream}
+    options = {target: body[source] for source, target in _OPTION_FIELDS.items()
+               if body.get(source) is not None}
+    if options:
+        request["options"] = options
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") == "json_object":
+        request["format"] = "json"
+    elif response_format.get("type") == "json_schema":
+        request["format"] = response_format["json_schema"].get("schema", {})
+    if body.get("tools"):
+        request["tools"] = body["tools"]
+    return request
+
+
+def strip_fences(text):
+    """Return ``text`` without a wrapping ```json fence (models add them to JSON)."""
+    match = _FENCE.match(text or "")
+    return match.group(1).strip() if match else text
+
+
+def _tool_calls_from_ollama(calls):
+    out = []
+    for call in calls or ():
+        function = call.get("function") or {}
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        out.append(shapes.tool_call(call.get("id"), function.get("name", ""), arguments))
+    return out
+
+
+def _finish_reason(answer, tool_calls):
+    if tool_calls:
+        return "tool_calls"
+    return "length" if answer.get("done_reason") == "length" else "stop"
+
+
+def _usage(answer):
+    return shapes.usage(answer.get("prompt_eval_count"), answer.get("eval_count"))
+
+
+def translate_answer(answer, label, wants_json):
+    """Return a ``chat.completion`` for Ollama's non-streamed answer."""
+    message = answer.get("message") if isinstance(answer, dict) else None
+    if not isinstance(message, dict):
+        raise errors.UpstreamError(f"{label}: answer has no message",
+                                   reason="malformed-response")
+    content = message.get("content") or ""
+    if wants_json:
+        content = strip_fences(content)
+    tool_calls = _tool_calls_from_ollama(message.get("tool_calls"))
+    out = {"role": "assistant", "content": content or (None if tool_calls else "")}
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    return shapes.completion(label, out, _finish_reason(answer, tool_calls), _usage(answer))
+
+
+class StreamTranslator:
+    """Turn Ollama's NDJSON stream lines into OpenAI chunks, keeping the stream's state."""
+
+    def __init__(self, label):
+        self.label = label
+        self.id = shapes.new_id()
+        self.created = int(time.time())
+        self.sent_role = False
+        self.tool_index = 0
+        self.done = False
+
+    def translate(self, line):
+        """Return the chunks for one NDJSON line (possibly none)."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            raise errors.UpstreamError(f"{self.label}: malformed stream line",
+                                       reason="malformed-response") from None
+        if not isinstance(event, dict):
+            raise errors.UpstreamError(f"{self.label}: malformed stream line",
+                                       reason="malformed-response")
+        if event.get("error"):
+            raise errors.UpstreamError(f"{self.label}: error in stream: {event['error']}",
+                                       reason="stream-error")
+        message = event.get("message") or {}
+        delta = {}
+        if not self.sent_role:
+            delta["role"] = "assistant"
+            self.sent_role = True
+        if message.get("content"):
+            delta["content"] = message["content"]
+        calls = _tool_calls_from_ollama(message.get("tool_calls"))
+        if calls:
+            delta["tool_calls"] = [dict(call, index=self.tool_index + i)
+                                   for i, call in enumerate(calls)]
+            self.tool_index += len(calls)
+        out = []
+        if len(delta) > 1 or "role" not in delta:
+            out.append(shapes.chunk(self.id, self.created, self.label, delta))
+        if event.get("done"):
+            self.done = True
+            reason = "tool_calls" if self.tool_index else _finish_reason(event, ())
+            out.append(shapes.chunk(self.id, self.created, self.label, {}, reason))
+            out.append(shapes.usage_chunk(self.id, self.created, self.label, _usage(event)))
+        return out
+
+
+class OllamaProvider(Provider):
+    """The local Ollama server."""
+
+    kind = "ollama"
+
+    def check_capabilities(self, body, model):
+        if body.get("tools") and not supports_tools(model):
+            raise errors.CapabilityError(
+                f"ollama/{model} does not support tools; use a tool-capable model "
+                f"({', '.join(TOOL_FAMILIES)}) or an alias such as mana/structured",
+                param="tools")
+
+    def chat(self, body, model):
+        answer = self.transport.request_json("POST", "/api/chat",
+                                             chat_body(body, model, False), model=model)
+        wants_json = bool(body.get("response_format"))
+        return translate_answer(answer, f"{self.name}/{model}", wants_json)
+
+    def stream_chat(self, body, model):
+        translator = StreamTranslator(f"{self.name}/{model}")
+        stream = self.transport.open_stream("/api/chat", chat_body(body, model, True),
+                                            model=model,
+                                            idle_timeout=self.stream_idle_timeout)
+        try:
+            for line in stream.lines():
+                if line.strip():
+                    yield from translator.translate(line)
+                if translator.done:
+                    return
+            raise errors.UpstreamError(f"ollama/{model}: stream ended before done",
+                                       reason="closed-early")
+        finally:
+            stream.close()
+
+    def embed(self, inputs, model, body):
+        answer = self.transport.request_json("POST", "/api/embed",
+                                             {"model": model, "input": inputs}, model=model)
+        try:
+            vectors = [[float(x) for x in v] for v in answer["embeddings"]]
+        except (KeyError, TypeError, ValueError):
+            raise errors.UpstreamError(f"ollama/{model}: malformed embeddings",
+                                       reason="malformed-response") from None
+        if len(vectors) != len(inputs):
+            raise errors.UpstreamError(f"ollama/{model}: wrong number of embeddings",
+                                       reason="malformed-response")
+        return vectors, answer.get("prompt_eval_count", 0)
+
+    def list_models(self):
+        answer = self.transport.request_json("GET", "/api/tags")
+        try:
+            return [str(m["name"]) for m in answer["models"]]
+        except (KeyError, TypeError):
+            raise errors.UpstreamError("ollama: malformed model list",
+                                       reason="malformed-response") from None
+
+    def probe(self, timeout):
+        self.transport.probe("/api/tags", timeout)

@@ -1,0 +1,112 @@
+"""OpenAI-compatible upstreams (OpenRouter, Groq, Together, OpenAI).
+
+The wire format is ours already: the request passes through (unknown
+fields included) with the upstream's model name, and every answer's
+``model`` is rewritten to ``provider/model``.
+"""
+
+from app import errors, shapes
+from app.providers.base import Provider, sse_data
+
+
+def upstream_body(body, model, stream):
+    """Return the upstream request: the caller's body with the upstream model name."""
+    out = dict(body)
+    out["model"] = model
+    if stream:
+        out["stream"] = True
+        # Ask for usage so tokens can be counted; the caller's own
+        # stream_options decide whether it is passed on.
+        out["stream_options"] = {"include_usage": True}
+    else:
+        out.pop("stream", None)
+        out.pop("stream_options", None)
+    return out
+
+
+def translate_completion(answer, label):
+    """Return the upstream's chat.completion with ``model`` rewritten, or raise."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+        if isinstance(answer, dict) and answer.get("error"):
+            raise errors.UpstreamError(f"{label}: {answer['error']}",
+                                       reason="upstream-error")
+        raise errors.UpstreamError(f"{label}: answer has no choices",
+                                   reason="malformed-response")
+    if not answer["choices"]:
+        raise errors.UpstreamError(f"{label}: empty answer", reason="empty-answer")
+    answer["model"] = label
+    answer.setdefault("object", "chat.completion")
+    answer.setdefault("id", shapes.new_id())
+    return answer
+
+
+def translate_chunk(event, label):
+    """Return one stream chunk with ``model`` rewritten; an in-stream error raises."""
+    if not isinstance(event, dict):
+        raise errors.UpstreamError(f"{label}: malformed stream event",
+                                   reason="malformed-response")
+    if "error" in event:
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise errors.UpstreamError(f"{label}: error in stream: {message}",
+                                   reason="stream-error")
+    event["model"] = label
+    event.setdefault("object", "chat.completion.chunk")
+    return event
+
+
+class OpenAICompatProvider(Provider):
+    """A provider that speaks the OpenAI Chat Completions API."""
+
+    kind = "openai"
+
+    def chat(self, body, model):
+        answer = self.transport.request_json(
+            "POST", "/chat/completions", upstream_body(body, model, False), model=model)
+        return translate_completion(answer, f"{self.name}/{model}")
+
+    def stream_chat(self, body, model):
+        label = f"{self.name}/{model}"
+        stream = self.transport.open_stream(
+            "/chat/completions", upstream_body(body, model, True), model=model,
+            idle_timeout=self.stream_idle_timeout)
+        try:
+            finished = False
+            for event in sse_data(stream.lines()):
+                chunk = translate_chunk(event, label)
+                finished = finished or any(c.get("finish_reason")
+                                           for c in chunk.get("choices") or ())
+                yield chunk
+            if not finished:
+                raise errors.UpstreamError(f"{label}: stream ended without a finish",
+                                           reason="closed-early")
+        finally:
+            stream.close()
+
+    def embed(self, inputs, model, body):
+        request = {"model": model, "input": inputs, "encoding_format": "float"}
+        if body.get("dimensions") is not None:
+            request["dimensions"] = body["dimensions"]
+        answer = self.transport.request_json("POST", "/embeddings", request, model=model)
+        try:
+            data = sorted(answer["data"], key=lambda d: d.get("index", 0))
+            vectors = [[float(x) for x in d["embedding"]] for d in data]
+            tokens = (answer.get("usage") or {}).get("prompt_tokens", 0)
+        except (KeyError, TypeError, ValueError):
+            raise errors.UpstreamError(f"{self.name}/{model}: malformed embeddings",
+                                       reason="malformed-response") from None
+        if len(vectors) != len(inputs):
+            raise errors.UpstreamError(f"{self.name}/{model}: wrong number of embeddings",
+                                       reason="malformed-response")
+        return vectors, tokens
+
+    def list_models(self):
+        answer = self.transport.request_json("GET", "/models")
+        try:
+            return [str(m["id"]) for m in answer["data"]]
+        except (KeyError, TypeError):
+            raise errors.UpstreamError(f"{self.name}: malformed model list",
+                                       reason="malformed-response") from None
+
+    def probe(self, timeout):
+        self.transport.probe("/models", timeout)

@@ -1,0 +1,81 @@
+"""Request ids, the access line, HTTP metrics, and log lines that leak nothing.
+
+Every log line of a request carries its ``X-Request-ID`` (taken from the
+caller when present, sanitised and bounded, or generated), and every
+message passes through the redactor, so an API key that reaches a log
+call is replaced before it reaches the log.
+"""
+
+import logging
+import re
+import sys
+import time
+import uuid
+
+from flask import g, has_request_context, request
+
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:\-]")
+MAX_ID_LENGTH = 64
+log = logging.getLogger("app.access")
+
+
+def request_id_from(header):
+    """Return a safe request id: the caller's, cleaned, or a new one."""
+    cleaned = _UNSAFE_ID.sub("", header or "")[:MAX_ID_LENGTH]
+    return cleaned or uuid.uuid4().hex
+
+
+def printable(text, limit=200):
+    """Return ``text`` with control and non-ASCII characters escaped, bounded."""
+    return str(text)[:limit].encode("unicode_escape").decode("ascii")
+
+
+class RequestContextFilter(logging.Filter):
+    """Add ``request_id`` to records and redact secrets from the message."""
+
+    def __init__(self, redactor):
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record):
+        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        message = record.getMessage()
+        redacted = self._redactor.redact(message)
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def configure_logging(level, redactor):
+    """Send the ``app`` loggers to stderr with request ids; idempotent."""
+    logger = logging.getLogger("app")
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        if getattr(handler, "_mana_llm", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._mana_llm = True
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"))
+    handler.addFilter(RequestContextFilter(redactor))
+    logger.addHandler(handler)
+
+
+def install_request_log(app, recorder):
+    """Give every request an id, and log and count it when it is answered."""
+
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        g.request_id = request_id_from(request.headers.get("X-Request-ID"))
+
+    @app.after_request
+    def _finish(response):
+        seconds = time.perf_counter() - g.get("started", time.perf_counter())
+        response.headers["X-Request-ID"] = g.get("request_id", "-")
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        recorder.http_request(request.method, endpoint, response.status_code, seconds)
+        log.info("%s %s %s %.1fms model=%s", request.method, printable(request.path),
+                 response.status_code, seconds * 1000, g.get("resolved", "-"))
+        return response

@@ -1,0 +1,167 @@
+"""Aliases: load and validate ``aliases.yaml``, hold them, resolve model strings.
+
+A file that breaks any rule is rejected whole with a message naming the
+alias and the rule, so a reload can never half-apply.
+"""
+
+import threading
+from dataclasses import dataclass
+
+import yaml
+
+from app import errors
+
+MAX_MODEL_LENGTH = 256
+
+
+class AliasConfigError(ValueError):
+    """The alias file is invalid; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One step of a chain: a provider and the model name it knows."""
+
+    provider: str
+    model: str
+
+    @property
+    def label(self):
+        return f"{self.provider}/{self.model}"
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    description: str
+    chain: tuple
+
+
+@dataclass(frozen=True)
+class AliasTable:
+    """A validated alias file: immutable, so it can be swapped atomically."""
+
+    aliases: dict
+    default: str
+
+    def to_doc(self):
+        """Return the file's content as plain data (for the reload snapshot)."""
+        return {"aliases": {a.name: {"description": a.description,
+                                     "chain": [e.label for e in a.chain]}
+                            for a in self.aliases.values()},
+                "default": self.default}
+
+
+def split_entry(text):
+    """Return the Entry for ``provider/model`` (model may contain '/')."""
+    provider, _, model = text.partition("/")
+    return Entry(provider, model)
+
+
+def _check_alias(name, body):
+    if not isinstance(name, str) or not name.startswith("mana/"):
+        raise AliasConfigError(f"alias {name!r}: name must start with 'mana/'")
+    rest = name[len("mana/"):]
+    if not rest or "/" in rest or rest.strip() != rest:
+        raise AliasConfigError(f"alias {name!r}: name must have exactly one segment "
+                               "after 'mana/'")
+    if not isinstance(body, dict):
+        raise AliasConfigError(f"alias {name!r}: body must be a mapping")
+    description = body.get("description", "")
+    if not isinstance(description, str):
+        raise AliasConfigError(f"alias {name!r}: description must be a string")
+    chain = body.get("chain")
+    if not isinstance(chain, list) or not chain:
+        raise AliasConfigError(f"alias {name!r}: chain must be a non-empty list")
+    for item in chain:
+        if not isinstance(item, str) or not item.strip():
+            raise AliasConfigError(f"alias {name!r}: chain entries must be non-empty "
+                                   f"strings, got {item!r}")
+        provider, sep, model = item.partition("/")
+        if not sep or not provider or not model:
+            raise AliasConfigError(f"alias {name!r}: chain entry {item!r} needs a "
+                                   "provider prefix ('provider/model')")
+    return Alias(name, description, tuple(split_entry(i.strip()) for i in chain))
+
+
+def parse_aliases(doc):
+    """Return an AliasTable for a parsed YAML document, or raise AliasConfigError."""
+    if not isinstance(doc, dict):
+        raise AliasConfigError("the root of the alias file must be a mapping")
+    raw = doc.get("aliases")
+    if not isinstance(raw, dict) or not raw:
+        raise AliasConfigError("'aliases' must be a non-empty mapping")
+    aliases = {name: _check_alias(name, body) for name, body in raw.items()}
+    default = doc.get("default")
+    if default is not None and default not in aliases:
+        raise AliasConfigError(f"default {default!r} names no defined alias")
+    return AliasTable(aliases, default or next(iter(aliases)))
+
+
+def load_aliases(path):
+    """Read, parse and validate an alias file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise AliasConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise AliasConfigError(f"{path} is not UTF-8 text") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise AliasConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_aliases(doc)
+
+
+class AliasRegistry:
+    """The worker's current alias table; reads see one whole table, never a mix."""
+
+    def __init__(self, table):
+        self._lock = threading.Lock()
+        self._table = table
+
+    @property
+    def table(self):
+        return self._table
+
+    def swap(self, table):
+        """Replace the table at once."""
+        with self._lock:
+            self._table = table
+
+    def get(self, name):
+        return self._table.aliases.get(name)
+
+
+def check_model_string(model):
+    """Raise InvalidRequest for a model string that must not go further."""
+    if not isinstance(model, str):
+        raise errors.InvalidRequest("'model' must be a string", param="model")
+    if len(model) > MAX_MODEL_LENGTH:
+        raise errors.InvalidRequest(f"'model' is longer than {MAX_MODEL_LENGTH} characters",
+                                    param="model")
+    if not model.isprintable():
+        raise errors.InvalidRequest("'model' contains control characters", param="model")
+
+
+def resolve_chain(model, table, known_providers):
+    """Return ``(alias_name or None, [Entry, ...])`` for a request's model string."""
+    if model is None or model == "":
+        model = table.default
+    check_model_string(model)
+    alias = table.aliases.get(model)
+    if alias is not None:
+        return alias.name, list(alias.chain)
+    if model.startswith("mana/"):
+        raise errors.ModelNotFound(
+            f"unknown alias {model!r}; known aliases: {', '.join(sorted(table.aliases))}",
+            param="model")
+    if "/" not in model:
+        return None, [Entry("ollama", model)]
+    entry = split_entry(model)
+    if entry.provider not in known_providers or not entry.model:
+        raise errors.ModelNotFound(
+            f"unknown provider {entry.provider!r}; known providers: "
+            f"{', '.join(known_providers)}", param="model")
+    return None, [entry]

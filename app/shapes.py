@@ -1,0 +1,67 @@
+"""Build the OpenAI response shapes every provider translates into."""
+
+import time
+import uuid
+
+
+def new_id(prefix="chatcmpl-"):
+    """Return a fresh response id."""
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens, completion_tokens):
+    """Return an OpenAI ``usage`` object."""
+    prompt_tokens = int(prompt_tokens or 0)
+    completion_tokens = int(completion_tokens or 0)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(model, message, finish_reason, usage_obj=None, response_id=None):
+    """Return a ``chat.completion`` with one choice."""
+    body = {
+        "id": response_id or new_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
+                     "logprobs": None}],
+    }
+    if usage_obj is not None:
+        body["usage"] = usage_obj
+    return body
+
+
+def chunk(response_id, created, model, delta, finish_reason=None):
+    """Return a ``chat.completion.chunk`` with one choice."""
+    return {"id": response_id, "object": "chat.completion.chunk", "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                         "logprobs": None}]}
+
+
+def usage_chunk(response_id, created, model, usage_obj):
+    """Return the final chunk that carries only usage (``stream_options.include_usage``)."""
+    return {"id": response_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [], "usage": usage_obj}
+
+
+def tool_call(call_id, name, arguments_json):
+    """Return one OpenAI tool call."""
+    return {"id": call_id or new_id("call_"), "type": "function",
+            "function": {"name": name, "arguments": arguments_json}}
+
+
+def has_content(chunk_obj):
+    """Tell whether a chunk carries text, a tool call or a finish reason.
+
+    Role-only and metadata frames do not count: the walk commits to a
+    provider only once it has produced something a caller would see.
+    """
+    for choice in chunk_obj.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason"):
+            return True
+        if delta.get("refusal") or delta.get("reasoning") or delta.get("reasoning_content"):
+            return True
+    return False

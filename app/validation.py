@@ -1,0 +1,170 @@
+"""Parse and validate request bodies before any upstream call (SPEC §3).
+
+Every rejection is an ``InvalidRequest`` naming the offending field, so
+bad input is always a 400 in the error envelope, never a 500.
+"""
+
+import json
+
+from app import errors
+
+ROLES = ("system", "user", "assistant", "tool")
+_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "frequency_penalty": (-2, 2),
+           "presence_penalty": (-2, 2)}
+_FORMATS = ("text", "json_object", "json_schema")
+_JSON_TYPES = ("application/json",)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(request):
+    """Return the request's JSON object, or raise a 4xx GatewayError."""
+    mimetype = request.mimetype or ""
+    if mimetype not in _JSON_TYPES and not mimetype.endswith("+json"):
+        raise errors.UnsupportedMediaType(
+            f"Content-Type must be application/json, got {mimetype or 'none'!r}")
+    raw = request.get_data(cache=False)
+    try:
+        doc = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise errors.InvalidRequest("JSON body is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise errors.InvalidRequest("request body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise errors.InvalidRequest("request body must be a JSON object")
+    return doc
+
+
+def _number(body, name, low=None, high=None, *, integer=False):
+    value = body.get(name)
+    if value is None:
+        return
+    ok_type = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        kind = "an integer" if integer else "a number"
+        raise errors.InvalidRequest(f"'{name}' must be {kind}", param=name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise errors.InvalidRequest(f"'{name}' must be between {low} and {high}",
+                                    param=name)
+
+
+def _content(content, index):
+    where = f"messages[{index}].content"
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise errors.InvalidRequest(f"{where} must be a string, null or a list of parts",
+                                    param=where)
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            continue
+        image = part.get("image_url") if kind == "image_url" else None
+        if isinstance(image, dict) and isinstance(image.get("url"), str):
+            continue
+        if isinstance(image, str):  # some clients send the URL bare
+            part["image_url"] = {"url": image}
+            continue
+        raise errors.InvalidRequest(
+            f"{where}: each part must be {{'type':'text','text'}} or "
+            "{'type':'image_url','image_url':{'url'}}", param=where)
+
+
+def _messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise errors.InvalidRequest("'messages' must be a non-empty list", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise errors.InvalidRequest(f"messages[{index}] must be an object",
+                                        param="messages")
+        if message.get("role") == "developer":
+            message["role"] = "system"  # OpenAI's newer name for the same thing
+        if message.get("role") not in ROLES:
+            raise errors.InvalidRequest(
+                f"messages[{index}].role must be one of {', '.join(ROLES)}",
+                param="messages")
+        _content(message.get("content"), index)
+        calls = message.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list)
+                                      and all(isinstance(c, dict) for c in calls)):
+            raise errors.InvalidRequest(f"messages[{index}].tool_calls must be a list",
+                                        param="messages")
+
+
+def _tools(body):
+    tools = body.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise errors.InvalidRequest("'tools' must be a list", param="tools")
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (tool.get("type") if isinstance(tool, dict) else None) != "function" or \
+                not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise errors.InvalidRequest(
+                "each tool must be {'type': 'function', 'function': {'name', ...}}",
+                param="tools")
+    choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise errors.InvalidRequest("'tool_choice' must be a string or an object",
+                                    param="tool_choice")
+
+
+def _response_format(body):
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") not in _FORMATS:
+        raise errors.InvalidRequest("'response_format.type' must be one of "
+                                    + ", ".join(_FORMATS), param="response_format")
+    if fmt["type"] == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise errors.InvalidRequest("'response_format.json_schema' must be an object",
+                                    param="response_format")
+    if fmt["type"] == "text":
+        body.pop("response_format")
+
+
+def chat_request(body):
+    """Validate a chat completion request in place and return it."""
+    _messages(body.get("messages"))
+    for name, (low, high) in _RANGES.items():
+        _number(body, name, low, high)
+    _number(body, "max_tokens", 1, integer=True)
+    _number(body, "max_completion_tokens", 1, integer=True)
+    _number(body, "n", 1, 1, integer=True)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise errors.InvalidRequest("'stop' must be a string or a list of strings",
+                                    param="stop")
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+        body["max_tokens"] = body["max_completion_tokens"]
+    _tools(body)
+    _response_format(body)
+    if not isinstance(body.get("stream", False), bool):
+        raise errors.InvalidRequest("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise errors.InvalidRequest("'stream_options' must be an object",
+                                    param="stream_options")
+    return body
+
+
+def embeddings_request(body):
+    """Validate an embeddings request; return ``(inputs, encoding_format)``."""
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(
+            isinstance(i, str) for i in inputs):
+        raise errors.InvalidRequest("'input' must be a string or a non-empty list of strings",
+                                    param="input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise errors.InvalidRequest("'encoding_format' must be 'float' or 'base64'",
+                                    param="encoding_format")
+    return inputs, encoding
