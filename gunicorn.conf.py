@@ -5,7 +5,6 @@ executed again on every ``kill -HUP``, so it does no work at import
 time: everything with side effects lives in a hook.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -14,7 +13,8 @@ import sys
 import tempfile
 
 wsgi_app = "app:create_app()"
-bind = f"0.0.0.0:{os.environ.get('PORT', '3025')}"
+# HOST narrows the bind (tests use 127.0.0.1); PORT is the one operators set.
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '3025')}"
 worker_class = "gthread"
 # Two processes per core-pair is enough: the work is I/O-bound, and every
 # worker keeps its own health cache that must learn about outages.

@@ -7,6 +7,7 @@ exactly the same checks.
 """
 
 import os
+from urllib.parse import urlsplit
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,7 +127,8 @@ def _check(config):
     if not 0 < config["PORT"] < 65536:
         raise ConfigError("PORT must be between 1 and 65535")
     for name in ["OLLAMA_URL"] + [f"{p.upper()}_BASE_URL" for p in CLOUD_PROVIDERS]:
-        if not config[name].startswith(("http://", "https://")):
+        parts = urlsplit(config[name])
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{name} must be an http(s) URL, got {config[name]!r}")
     for name in [f"{p.upper()}_API_KEY" for p in CLOUD_PROVIDERS] + ["GPU_API_KEY"]:
         if config[name] and not config[name].isascii():

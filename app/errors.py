@@ -6,6 +6,8 @@ provider raises it (``on_failure``):
 
 - ``"trip"``: retryable, and evidence the provider is unwell: record a
   failure in the health cache and try the next entry;
+- ``"cooldown"``: a 429; skip the provider for its Retry-After (not a
+  failure) and try the next entry;
 - ``"next"``: try the next entry, but the provider is alive (an upstream
   404 for a model that is not pulled);
 - ``"stop"``: not retryable; return it to the caller, health untouched.
@@ -111,8 +113,6 @@ class Blocked(GatewayError):
 
 class UpstreamInvalidRequest(InvalidRequest):
     """The upstream rejected the request itself (400/422): the caller must change it."""
-
-    reason = "upstream-400"
 
 
 class UpstreamModelNotFound(ModelNotFound):

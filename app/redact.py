@@ -6,7 +6,7 @@ import re
 # back in 401 bodies ("sk-proj-****abcd"): any token with a run of mask
 # characters is treated as a key fragment.
 _KEY_SHAPES = re.compile(
-    r"(?:sk|gsk|pk|rk)[-_][A-Za-z0-9_\-*.]{6,}"
+    r"(?<![A-Za-z0-9])(?:sk|gsk|pk|rk)[-_][A-Za-z0-9_\-*.]{6,}"
     r"|AIza[0-9A-Za-z_\-]{10,}"
     r"|[A-Za-z0-9_\-]*[*\u2022]{3,}[A-Za-z0-9_\-*\u2022.]*"
     r"|(?i:bearer)\s+[A-Za-z0-9_\-.~+/=]{6,}"

@@ -19,6 +19,13 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text):
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def parse_json_body(request):
     """Return the request's JSON object, or raise a 4xx GatewayError."""
     mimetype = request.mimetype or ""
@@ -27,7 +34,7 @@ def parse_json_body(request):
             f"Content-Type must be application/json, got {mimetype or 'none'!r}")
     raw = request.get_data(cache=False)
     try:
-        doc = json.loads(raw, parse_constant=_reject_constant)
+        doc = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise errors.InvalidRequest("JSON body is nested too deeply") from None
     except UnicodeDecodeError:
@@ -96,6 +103,10 @@ def _messages(messages):
 
 
 def _tools(body):
+    choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise errors.InvalidRequest("'tool_choice' must be a string or an object",
+                                    param="tool_choice")
     tools = body.get("tools")
     if tools is None:
         return
@@ -108,10 +119,6 @@ def _tools(body):
             raise errors.InvalidRequest(
                 "each tool must be {'type': 'function', 'function': {'name', ...}}",
                 param="tools")
-    choice = body.get("tool_choice")
-    if choice is not None and not isinstance(choice, (str, dict)):
-        raise errors.InvalidRequest("'tool_choice' must be a string or an object",
-                                    param="tool_choice")
 
 
 def _response_format(body):

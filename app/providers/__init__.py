@@ -2,6 +2,7 @@
 
 from app.config import CLOUD_PROVIDERS
 from app.providers.base import Transport
+from app.providers.gemini import GeminiProvider
 from app.providers.ollama import OllamaProvider
 from app.providers.openai_compat import OpenAICompatProvider
 
@@ -11,6 +12,7 @@ PROVIDER_CLASSES = {
     "groq": OpenAICompatProvider,
     "together": OpenAICompatProvider,
     "openai": OpenAICompatProvider,
+    "google": GeminiProvider,
 }
 KNOWN_PROVIDERS = ("ollama",) + tuple(CLOUD_PROVIDERS)
 
@@ -32,8 +34,6 @@ def build_providers(config):
                   **common),
         stream_idle_timeout=config["STREAM_IDLE_TIMEOUT"])}
     for name in CLOUD_PROVIDERS:
-        if name not in PROVIDER_CLASSES:
-            continue
         key = config[f"{name.upper()}_API_KEY"]
         transport = Transport(name, config[f"{name.upper()}_BASE_URL"],
                               headers=_auth_headers(name, key) if key else {},

@@ -9,6 +9,8 @@ the router only ever sees our exception tree.
 
 import email.utils
 import json
+import math
+import re
 import socket
 import time
 
@@ -20,6 +22,9 @@ from urllib3.exceptions import ReadTimeoutError
 from app import errors
 
 _READ_SIZE = 65536
+# An upstream cannot take itself out of rotation for longer than this.
+MAX_RETRY_AFTER = 3600.0
+_RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
 
 
 class Provider:
@@ -67,9 +72,11 @@ def parse_retry_after(value, default, now=None):
         return default
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return min(max(0.0, seconds), MAX_RETRY_AFTER) if math.isfinite(seconds) else default
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -77,7 +84,11 @@ def parse_retry_after(value, default, now=None):
     if when is None:
         return default
     now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER)
+
+
+def _as_bytes(raw):
+    return raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "replace")
 
 
 def upstream_message(raw):
@@ -96,6 +107,13 @@ def upstream_message(raw):
     return text.strip()[:500]
 
 
+def _retry_delay_in_body(raw, default):
+    """Return Gemini's ``retryDelay`` ("39s") from an error body, else ``default``."""
+    match = _RETRY_DELAY.search(raw.decode("utf-8", "replace") if isinstance(raw, bytes)
+                                else str(raw))
+    return float(match.group(1)) if match else default
+
+
 def error_from_status(status, raw, headers, *, provider, model, cooldown):
     """Return the error for an upstream answer with status >= 400.
 
@@ -105,10 +123,13 @@ def error_from_status(status, raw, headers, *, provider, model, cooldown):
     message = upstream_message(raw)
     where = f"{provider}/{model}"
     if status == 429:
-        wait = parse_retry_after(headers.get("Retry-After"), cooldown)
+        wait = parse_retry_after(headers.get("Retry-After"), None)
+        if wait is None:
+            wait = _retry_delay_in_body(raw, cooldown)
         return errors.RateLimited(f"{where} is rate-limited: {message}",
                                   retry_after=wait)
-    if status in (401, 403):
+    # Gemini answers a bad key with 400 INVALID_ARGUMENT, reason API_KEY_INVALID.
+    if status in (401, 403) or (status == 400 and b"API_KEY_INVALID" in _as_bytes(raw)):
         return errors.UpstreamAuthError(
             f"{provider} refused the gateway's credentials ({status}): {message}")
     if status == 404:
@@ -161,6 +182,12 @@ class Transport:
             raise errors.UpstreamUnavailable(
                 f"{self.provider}: no answer within {read_timeout:g}s",
                 reason="ReadTimeout") from None
+        except (requests.exceptions.InvalidJSONError, requests.exceptions.InvalidURL,
+                requests.exceptions.InvalidHeader) as exc:
+            # Our own request could not be built: the caller's input or a bug,
+            # never evidence about the provider's health.
+            raise errors.InvalidRequest(f"{self.provider}: request could not be sent "
+                                        f"({type(exc).__name__})") from None
         except (requests.ConnectionError, Urllib3Error, OSError) as exc:
             raise errors.UpstreamUnavailable(
                 f"{self.provider}: connection failed ({type(exc).__name__})",

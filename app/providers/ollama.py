@@ -81,6 +81,8 @@ def chat_body(body, model, stream):
     request = {"model": model, "messages": messages, "stream": stream}
     options = {target: body[source] for source, target in _OPTION_FIELDS.items()
                if body.get(source) is not None}
+    if isinstance(options.get("stop"), str):
+        options["stop"] = [options["stop"]]  # Ollama takes only a list
     if options:
         request["options"] = options
     response_format = body.get("response_format") or {}
@@ -161,10 +163,7 @@ class StreamTranslator:
             raise errors.UpstreamError(f"{self.label}: error in stream: {event['error']}",
                                        reason="stream-error")
         message = event.get("message") or {}
-        delta = {}
-        if not self.sent_role:
-            delta["role"] = "assistant"
-            self.sent_role = True
+        delta = {} if self.sent_role else {"role": "assistant"}
         if message.get("content"):
             delta["content"] = message["content"]
         calls = _tool_calls_from_ollama(message.get("tool_calls"))
@@ -173,7 +172,8 @@ class StreamTranslator:
                                    for i, call in enumerate(calls)]
             self.tool_index += len(calls)
         out = []
-        if len(delta) > 1 or "role" not in delta:
+        if delta.get("content") or delta.get("tool_calls"):
+            self.sent_role = True
             out.append(shapes.chunk(self.id, self.created, self.label, delta))
         if event.get("done"):
             self.done = True

@@ -93,7 +93,7 @@ def parse_aliases(doc):
         raise AliasConfigError("'aliases' must be a non-empty mapping")
     aliases = {name: _check_alias(name, body) for name, body in raw.items()}
     default = doc.get("default")
-    if default is not None and default not in aliases:
+    if default is not None and (not isinstance(default, str) or default not in aliases):
         raise AliasConfigError(f"default {default!r} names no defined alias")
     return AliasTable(aliases, default or next(iter(aliases)))
 

@@ -9,9 +9,12 @@ never delays another or a request, for every provider that is due:
   yet tripped, so two failures (the default threshold) come within
   seconds rather than a whole interval apart;
 - at once when a call to the provider has been waiting longer than
-  ``PROBE_TIMEOUT``: a box that accepts connections and never answers
-  is then found by the probe while the caller is still waiting, so the
-  callers after it skip the provider.
+  ``STUCK_AFTER`` with no probe since it started: a box that accepts
+  connections and never answers is then found by probes while the
+  caller is still waiting, so the callers after it skip the provider
+  (within 10 s with the defaults). A probe is one cheap GET, and
+  ``STUCK_PROBE_GAP`` bounds how often a healthy provider that is merely
+  slow to generate gets one.
 """
 
 import itertools
@@ -23,8 +26,12 @@ from app.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
-TICK = 0.5
-RETRY_SOON = 1.0
+TICK = 0.25
+RETRY_SOON = 0.5
+STUCK_AFTER = 1.0
+# Long generations are normal: while calls are slow, probe at most this
+# often, so a busy healthy provider sees at most one extra GET per gap.
+STUCK_PROBE_GAP = 2.0
 
 
 class Prober:
@@ -88,8 +95,9 @@ class Prober:
             if name in self._probing:
                 return False
             waiting = list(self._in_flight[name].values())
-            stuck = any(now - started > self._timeout and started > self._last_started[name]
-                        for started in waiting)
+            last = self._last_started[name]
+            stuck = now - last > STUCK_PROBE_GAP and any(
+                now - started > STUCK_AFTER and started > last for started in waiting)
             if now < self._due[name] and not stuck:
                 return False
             self._probing.add(name)

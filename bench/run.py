@@ -1,0 +1,413 @@
+"""Benchmark mana-llm: direct upstream vs through the gateway, plain requests and streams.
+
+    .venv/bin/python bench/run.py            # full run, a few minutes; needs nginx and wrk
+    .venv/bin/python bench/run.py --check    # smoke run for CI, < 30 s; no nginx, no wrk
+
+The full run starts nginx (fixed chat completion), bench/upstream.py
+(slow SSE streams) and the gateway under its own gunicorn.conf.py, runs
+wrk at 1, 8 and 64 connections against nginx directly and through the
+gateway, measures stream time to first byte and holds 500 slow streams
+open at once, then prints one markdown report and writes it to
+bench/results/. ``--check`` does the same at a trickle with a Python
+client and never judges timings: it fails only if a request failed.
+"""
+
+import argparse
+import os
+import runpy
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import requests
+
+import clients
+import report
+from processes import (Processes, cpu_seconds_between, cpu_ticks, free_port, process_tree,
+                       raise_open_files_limit, rss_mib, wait_until)
+from upstream import COMPLETION_JSON, MODELS_JSON
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+MODEL = "openai/gpt-4o-mini"        # served by the plain upstream (nginx in full mode)
+ALIAS = "mana/bench"                # chain: [MODEL]
+STREAM_MODEL = "groq/gpt-4o-mini"   # served by bench/upstream.py, which can stream slowly
+
+
+@dataclass
+class Profile:
+    """How much load a mode applies."""
+
+    name: str
+    duration: float         # seconds per measured load run
+    warmup: float           # seconds of unmeasured load before each run
+    conns: tuple
+    timing_samples: int     # sequential requests read for Server-Timing
+    first_byte_samples: int
+    streams: int            # concurrent slow streams
+    stream_chunks: int
+    stream_interval: float
+    out: str
+
+
+FULL = Profile("full", 10, 2, (1, 8, 64), 300, 40, 500, 20, 0.1, "latest.md")
+# --check: ~5 s of load at a trickle (4 threads x 25 req/s), a few streams.
+CHECK = Profile("check", 2, 0.3, (4,), 20, 5, 20, 5, 0.1, "check.md")
+CHECK_RATE = 25
+
+
+def parse_args(argv):
+    """Return the command line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="smoke run for CI: no nginx/wrk, low rate, asserts no timings")
+    parser.add_argument("--duration", type=float, help="seconds per load run")
+    parser.add_argument("--streams", type=int, help="concurrent slow streams")
+    parser.add_argument("--log-level", default="warning",
+                        help="gateway LOG_LEVEL (default warning: no access lines)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir with logs")
+    return parser.parse_args(argv)
+
+
+def profile_for(args):
+    """Return the mode's Profile with the command line's overrides applied."""
+    base = CHECK if args.check else FULL
+    return Profile(**{**base.__dict__,
+                      "duration": args.duration or base.duration,
+                      "streams": args.streams or base.streams})
+
+
+def wait_http(url, what, timeout=30.0, process=None, procs=None):
+    """Wait until GET ``url`` answers 200 (and ``process`` still runs)."""
+    def ready():
+        if process is not None:
+            procs.check_alive(process)
+        try:
+            return requests.get(url, timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+    try:
+        wait_until(ready, timeout, what)
+    except RuntimeError as exc:
+        tail = f"\n{procs.log_tail(process)}" if process is not None else ""
+        raise RuntimeError(f"{exc}{tail}") from None
+
+
+def start_stream_upstream(procs):
+    """Start bench/upstream.py in its own process; return its base URL."""
+    port = free_port()
+    process = procs.start("upstream", [sys.executable, os.path.join(BENCH, "upstream.py"),
+                                       "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/v1/models", "bench/upstream.py", process=process, procs=procs)
+    return process, url
+
+
+def nginx_binary():
+    """Return the nginx binary, or raise with how to install it."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
+                                      else None)
+    if not found or not shutil.which("wrk"):
+        raise RuntimeError("the full benchmark needs nginx and wrk: "
+                           "apt-get install -y nginx-light wrk (or run with --check)")
+    return found
+
+
+def start_nginx(procs, workdir):
+    """Start nginx with a generated config answering fixed JSON; return (process, URL)."""
+    binary = nginx_binary()
+    prefix = os.path.join(workdir, "nginx")
+    os.makedirs(prefix)
+    port = free_port()
+    with open(os.path.join(BENCH, "nginx.conf.template")) as handle:
+        template = string.Template(handle.read())
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as handle:
+        handle.write(template.substitute(prefix=prefix, port=port,
+                                         completion=COMPLETION_JSON, models=MODELS_JSON))
+    process = procs.start("nginx", [binary, "-p", prefix, "-c", conf,
+                                    "-e", os.path.join(prefix, "error.log")])
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/v1/models", "nginx", process=process, procs=procs)
+    return process, url
+
+
+def write_aliases(workdir):
+    """Write the benchmark's alias file (one alias, one entry); return its path."""
+    path = os.path.join(workdir, "aliases.yaml")
+    with open(path, "w") as handle:
+        handle.write(f'aliases:\n  {ALIAS}:\n    description: "benchmark"\n'
+                     f"    chain:\n      - {MODEL}\n"
+                     f"default: {ALIAS}\n")
+    return path
+
+
+_NOT_INHERITED = ("OLLAMA_URL", "PROMETHEUS_MULTIPROC_DIR", "ALIASES_PATH", "GUNICORN_THREADS",
+                  "WEB_CONCURRENCY", "CORS_ORIGINS", "LOG_LEVEL", "HOST", "PORT")
+
+
+def _inherited(name):
+    """Say whether an environment variable of ours may reach the gateway."""
+    return not (name.endswith(("_API_KEY", "_BASE_URL"))
+                or name.startswith(("MANA_LLM_", "GPU_")) or name in _NOT_INHERITED)
+
+
+def gateway_env(port, plain_url, stream_url, aliases, log_level):
+    """Return the gateway's environment: production settings, providers on 127.0.0.1."""
+    env = {k: v for k, v in os.environ.items() if _inherited(k)}
+    env.update({"HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": "2",
+                "LOG_LEVEL": log_level, "ALIASES_PATH": aliases,
+                "OPENAI_API_KEY": "bench-key", "OPENAI_BASE_URL": plain_url + "/v1",
+                "GROQ_API_KEY": "bench-key", "GROQ_BASE_URL": stream_url + "/v1",
+                # Ollama is always configured and probed: keep its probe on this box.
+                "OLLAMA_URL": stream_url})
+    return env
+
+
+def start_gateway(procs, env):
+    """Start ``gunicorn -c gunicorn.conf.py`` from the repo root; return (process, URL)."""
+    script = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    argv = [script] if os.path.exists(script) else [sys.executable, "-m", "gunicorn"]
+    process = procs.start("gateway", argv + ["-c", "gunicorn.conf.py"], env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{env['PORT']}"
+    workers = int(env["WEB_CONCURRENCY"])
+    wait_http(url + "/health", "the gateway", timeout=60, process=process, procs=procs)
+    wait_until(lambda: len(process_tree(process.pid)) >= workers + 1, 30, "the gateway's workers")
+    return process, url
+
+
+def smoke_gateway(url):
+    """Send one plain and one streamed request through the gateway; raise if either fails."""
+    for model in (MODEL, ALIAS, STREAM_MODEL):
+        response = requests.post(url + clients.CHAT_PATH, json=clients.chat_body(model),
+                                 timeout=10)
+        if response.status_code != 200:
+            raise RuntimeError(f"gateway answered {response.status_code} for {model}: "
+                               f"{response.text[:300]}")
+    port = int(url.rsplit(":", 1)[1])
+    body = clients.chat_body(STREAM_MODEL, stream=True, bench_chunks=2, bench_interval=0.01)
+    result = clients.stream_once(port, body)
+    if not result.ok:
+        raise RuntimeError(f"gateway stream failed: {result.error}")
+
+
+def load(profile, url, model, conns, duration):
+    """Apply one load run: wrk in full mode, the Python client in check mode."""
+    if profile.name == "check":
+        return clients.run_python_load(url, model, conns, duration, CHECK_RATE)
+    return clients.run_wrk(url, model, conns, duration)
+
+
+def measure(profile, server_pid, url, model, conns, upstream_url):
+    """Warm up, then load ``url``; return a Row with the server tree's CPU and RSS."""
+    if profile.warmup:
+        load(profile, url, model, conns, profile.warmup)
+    accepted = clients.accepted_connections(upstream_url)
+    before = cpu_ticks(server_pid)
+    stats = load(profile, url, model, conns, profile.duration)
+    cpu = cpu_seconds_between(before, cpu_ticks(server_pid))
+    # Minus one: the connection that asked for the count.
+    opened = clients.accepted_connections(upstream_url) - accepted - 1
+    cpu_ms = cpu * 1000 / stats.requests if stats.requests else 0.0
+    return report.Row(model, conns, stats, cpu_ms, rss_mib(server_pid), opened)
+
+
+def plain_rows(profile, targets, upstream_url):
+    """Run every target at every connection count; return report Rows, direct first."""
+    rows = []
+    for conns in profile.conns:
+        direct = None
+        for label, pid, url, model in targets:
+            print(f"  {label}, {conns} conns ...", flush=True)
+            row = measure(profile, pid, url, model, conns, upstream_url)
+            row.path = label
+            if direct is None:
+                direct = row
+            else:
+                row.added_p50 = row.stats.p50 - direct.stats.p50
+                row.added_p99 = row.stats.p99 - direct.stats.p99
+            rows.append(row)
+    return rows
+
+
+def first_bytes(profile, stream_url, gateway_url):
+    """Return StreamResults of sequential streams, direct and through the gateway."""
+    direct_port = int(stream_url.rsplit(":", 1)[1])
+    gateway_port = int(gateway_url.rsplit(":", 1)[1])
+    clients.first_byte_times(direct_port, "gpt-4o-mini", 3)
+    clients.first_byte_times(gateway_port, STREAM_MODEL, 3)
+    n = profile.first_byte_samples
+    return (clients.first_byte_times(direct_port, "gpt-4o-mini", n),
+            clients.first_byte_times(gateway_port, STREAM_MODEL, n))
+
+
+def hold_many_streams(profile, gateway):
+    """Hold the profile's number of slow streams open through the gateway."""
+    process, url = gateway
+    port = int(url.rsplit(":", 1)[1])
+    return clients.many_streams(port, STREAM_MODEL, profile.streams, profile.stream_chunks,
+                                profile.stream_interval, lambda: rss_mib(process.pid))
+
+
+def targets_of(rows, direct_fb, gateway_fb, many):
+    """Return issue 6's figures beside its targets: (name, measured, target, met)."""
+    gw = [r for r in rows if r.path.startswith("gateway, direct")]
+    at = {r.conns: r for r in gw}
+    fb_overhead = (report.first_byte_summary(gateway_fb)[0]
+                   - report.first_byte_summary(direct_fb)[0])
+    worst_cpu = max(r.cpu_ms for r in gw)
+    rss = max(r.rss_mib for r in rows if r.path.startswith("gateway"))
+    figures = []
+    if 1 in at:
+        figures += [("added p50 at 1 client", f"{at[1].added_p50:.2f} ms",
+                     "<= 1.6 ms (stretch 0.9)", at[1].added_p50 <= 1.6),
+                    ("added p99 at 1 client", f"{at[1].added_p99:.2f} ms", "<= 3 ms",
+                     at[1].added_p99 <= 3)]
+    if 64 in at:
+        figures.append(("RPS at 64 clients", f"{at[64].stats.rps:,.0f}", ">= 1,200",
+                        at[64].stats.rps >= 1200))
+    figures += [
+        ("CPU per request (worst of the runs)", f"{worst_cpu:.2f} ms",
+         "<= 1.6 ms (stretch 1.0)", worst_cpu <= 1.6),
+        ("stream first-byte overhead (median)", f"{fb_overhead:+.2f} ms", "<= 2.5 ms",
+         fb_overhead <= 2.5),
+        ("master + 2 workers RSS after load", f"{rss:.1f} MiB", "< 150 MiB", rss < 150),
+        (f"{many.count} slow streams at once: failed", str(many.failed), "0",
+         many.failed == 0),
+        ("RSS while they are open", f"{many.rss_peak_mib:.1f} MiB", "< 300 MiB",
+         many.rss_peak_mib < 300),
+    ]
+    return figures
+
+
+def tool_versions():
+    """Return the versions of nginx and wrk, as they print them."""
+    versions = []
+    for argv in (["nginx", "-v"], ["wrk", "-v"]):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+        except OSError:
+            continue
+        text = (out.stdout + out.stderr).strip().splitlines()
+        versions.append(text[0] if text else argv[0])
+    return ", ".join(versions)
+
+
+def settings_lines(profile, args):
+    """Return what the numbers were measured with, for the report."""
+    threads = runpy.run_path(os.path.join(REPO, "gunicorn.conf.py"))["threads"]
+    if profile.name == "check":
+        loader = (f"Python client, {profile.conns[0]} threads x {CHECK_RATE} req/s, "
+                  f"{profile.duration:g} s per run; direct upstream is bench/upstream.py")
+    else:
+        loader = (f"wrk -t min(c,2) -c c -d {profile.duration:g}s --latency "
+                  f"(after a {profile.warmup:g} s warm-up); direct upstream is nginx "
+                  f"(1 worker, access_log off; {tool_versions()})")
+    return [
+        f"mode: {profile.name}; load: {loader}",
+        f"gateway: gunicorn -c gunicorn.conf.py, WEB_CONCURRENCY=2, {threads} threads "
+        f"(the config's default), LOG_LEVEL={args.log_level}"
+        + (" (the per-request access line is info, so it is not written here)"
+           if args.log_level in ("warning", "error", "critical") else ""),
+        f"requests: model `{MODEL}` (direct) and `{ALIAS}` (alias whose chain is `{MODEL}`); "
+        f"streams: `{STREAM_MODEL}` from bench/upstream.py (Python, own process)",
+        "server CPU ms/req: utime+stime of the server's process tree (/proc) over the run, "
+        "divided by the requests the client counted; RSS: summed VmRSS after the run",
+    ]
+
+
+def run(profile, args, procs, workdir):
+    """Run the whole benchmark; return (report text, whether every request succeeded)."""
+    stream_proc, stream_url = start_stream_upstream(procs)
+    plain_proc, plain_url = (stream_proc, stream_url) if profile.name == "check" \
+        else start_nginx(procs, workdir)
+    env = gateway_env(free_port(), plain_url, stream_url, write_aliases(workdir),
+                      args.log_level)
+    gateway = start_gateway(procs, env)
+    smoke_gateway(gateway[1])
+    direct_label = "direct upstream" + (" (nginx)" if profile.name == "full" else "")
+    print("plain requests:", flush=True)
+    rows = plain_rows(profile, [
+        (direct_label, plain_proc.pid, plain_url, MODEL),
+        ("gateway, direct model", gateway[0].pid, gateway[1], MODEL),
+        (f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS)], plain_url)
+    timing = clients.server_timing(gateway[1], MODEL, profile.timing_samples)
+    print("streams: first byte ...", flush=True)
+    direct_fb, gateway_fb = first_bytes(profile, stream_url, gateway[1])
+    print(f"streams: {profile.streams} at once ...", flush=True)
+    many = hold_many_streams(profile, gateway)
+    time.sleep(0.5)
+    rss_after = rss_mib(gateway[0].pid)
+    sections = [
+        ("Plain requests: direct upstream vs through the gateway", report.render_load(rows)),
+        ("Server-Timing reported by the gateway (median of "
+         f"{profile.timing_samples} sequential requests)",
+         ", ".join(f"{k} {v:.2f} ms" for k, v in timing.items()) or "(no header)"),
+        ("Streams: time to first byte", report.render_streams(direct_fb, gateway_fb)),
+        ("Many streams through the gateway",
+         report.render_many(many, profile.stream_chunks, profile.stream_interval,
+                            rss_after)),
+    ]
+    if profile.name == "full":
+        sections.append(("Figures beside the targets of issue 6 (informative, never asserted)",
+                         report.render_targets(targets_of(rows, direct_fb, gateway_fb,
+                                                          many))))
+    text = report.render(f"mana-llm benchmark ({profile.name})", report.box_facts(REPO),
+                         settings_lines(profile, args), sections)
+    ok = (all(r.stats.errors == 0 and r.stats.requests > 0 for r in rows)
+          and all(r.ok for r in direct_fb + gateway_fb) and many.failed == 0)
+    return text, ok
+
+
+def write_report(text, name):
+    """Write the report under bench/results/; return its path."""
+    directory = os.path.join(BENCH, "results")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def _exit_on_term(signum, frame):
+    """Turn SIGTERM into SystemExit so that the cleanup in ``main`` runs."""
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    """Run the benchmark; return the exit status (non-zero if anything failed)."""
+    args = parse_args(argv)
+    profile = profile_for(args)
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    raise_open_files_limit()
+    os.environ.pop("GUNICORN_THREADS", None)    # the gateway runs with the config's default
+    workdir = tempfile.mkdtemp(prefix="mana-llm-bench-")
+    procs = Processes(workdir)
+    failed = True
+    try:
+        text, ok = run(profile, args, procs, workdir)
+        failed = False
+    except RuntimeError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        procs.stop_all()
+        if args.keep or failed:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(text)
+    print(f"written to {os.path.relpath(write_report(text, profile.out), REPO)}")
+    if not ok:
+        print("FAILED: some requests or streams failed (see the errors columns)",
+              file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

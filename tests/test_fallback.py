@@ -1,0 +1,328 @@
+"""The chain walk (SPEC §6): skips, retryable failures, stops, 404s, 429s, exhaustion."""
+
+import pytest
+
+from app import errors
+from app.routing.aliases import Entry
+from app.routing.breaker import HealthCache
+from app.routing.fallback import ChainWalker
+
+BACKOFF = 60.0
+PROVIDERS = ("ollama", "groq", "openrouter", "openai")
+
+
+class FakeClock:
+    def __init__(self, now=0.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class FakeProvider:
+    def __init__(self, name, configured=True):
+        self.name = name
+        self.configured = configured
+
+
+class StubProber:
+    """Pair every call_started with its call_finished."""
+
+    def __init__(self):
+        self.open = {}
+        self.started = 0
+
+    def call_started(self, provider):
+        self.started += 1
+        self.open[self.started] = provider
+        return self.started
+
+    def call_finished(self, provider, token):
+        assert self.open.pop(token) == provider
+
+
+class RecordingRecorder:
+    def __init__(self):
+        self.successes, self.errors, self.chains = [], [], []
+
+    def llm_success(self, entry, streaming, seconds):
+        self.successes.append(entry)
+
+    def llm_error(self, entry, asked, reason, streaming):
+        self.errors.append((entry, asked, reason))
+
+    def chain_done(self, attempts, entries, alias, served):
+        self.chains.append((list(attempts), entries, alias, served))
+
+
+class Script:
+    """The per-test ``call``: each provider answers or raises what the test says."""
+
+    def __init__(self, **outcomes):
+        self.outcomes = outcomes
+        self.called = []
+
+    def __call__(self, provider, entry):
+        self.called.append(entry.provider)
+        outcome = self.outcomes[entry.provider]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def health(clock):
+    return HealthCache(PROVIDERS, threshold=2, backoff=BACKOFF, clock=clock,
+                       wall=lambda: 1_700_000_000.0 + clock.now)
+
+
+@pytest.fixture
+def prober():
+    return StubProber()
+
+
+@pytest.fixture
+def recorder():
+    return RecordingRecorder()
+
+
+def make_walker(health, prober, recorder, unconfigured=()):
+    providers = {name: FakeProvider(name, name not in unconfigured) for name in PROVIDERS}
+    return ChainWalker(providers, health, prober, recorder)
+
+
+@pytest.fixture
+def walker(health, prober, recorder):
+    return make_walker(health, prober, recorder)
+
+
+def chain(*providers):
+    return [Entry(name, f"model-{name}") for name in providers]
+
+
+def walk(walker, entries, call, alias="mana/test"):
+    return walker.walk(entries, call, asked=alias, alias=alias)
+
+
+def trip(health, provider):
+    health.record_failure(provider, "down")
+    health.record_failure(provider, "down")
+
+
+def attempts_of(recorder):
+    (attempts, _, _, _), = recorder.chains
+    return [(a.model, a.reason) for a in attempts]
+
+
+def test_first_healthy_entry_answers(walker, recorder):
+    call = Script(ollama="answer", groq="unused")
+    outcome = walk(walker, chain("ollama", "groq"), call)
+    assert (outcome.result, outcome.entry.provider, outcome.attempts) == ("answer", "ollama", [])
+    assert call.called == ["ollama"]
+    assert recorder.successes == [Entry("ollama", "model-ollama")]
+
+
+def test_unconfigured_provider_is_skipped(health, prober, recorder):
+    walker = make_walker(health, prober, recorder, unconfigured=("ollama",))
+    call = Script(groq="answer")
+    outcome = walk(walker, chain("ollama", "groq"), call)
+    assert outcome.result == "answer"
+    assert call.called == ["groq"]
+    assert attempts_of(recorder) == [("ollama/model-ollama", "unconfigured")]
+
+
+def test_provider_unknown_to_the_gateway_is_skipped_as_unconfigured(walker, recorder):
+    call = Script(groq="answer")
+    walk(walker, [Entry("nosuch", "m")] + chain("groq"), call)
+    assert attempts_of(recorder) == [("nosuch/m", "unconfigured")]
+
+
+def test_tripped_provider_is_skipped(walker, health, recorder):
+    trip(health, "ollama")
+    call = Script(groq="answer")
+    outcome = walk(walker, chain("ollama", "groq"), call)
+    assert outcome.result == "answer"
+    assert call.called == ["groq"]
+    assert attempts_of(recorder) == [("ollama/model-ollama", "cache-unhealthy")]
+
+
+@pytest.mark.parametrize("error, reason", [
+    (errors.UpstreamUnavailable("ollama: connection refused", reason="ConnectionError"),
+     "ConnectionError"),
+    (errors.UpstreamUnavailable("ollama: connect timeout", reason="ConnectTimeout"),
+     "ConnectTimeout"),
+    (errors.UpstreamError("ollama failed with HTTP 500", reason="HTTP 500"), "HTTP 500"),
+    (errors.UpstreamError("ollama: malformed JSON", reason="malformed-response"),
+     "malformed-response"),
+], ids=["connection-refused", "connect-timeout", "http-500", "malformed"])
+def test_retryable_error_falls_back_and_counts_a_failure(walker, health, recorder, error,
+                                                         reason):
+    call = Script(ollama=error, groq="answer")
+    outcome = walk(walker, chain("ollama", "groq"), call)
+    assert (outcome.result, outcome.entry.provider) == ("answer", "groq")
+    assert attempts_of(recorder) == [("ollama/model-ollama", reason)]
+    state = health.snapshot()["ollama"]
+    assert state["consecutive_failures"] == 1
+    assert state["last_error"] == error.message
+
+
+def test_answering_provider_is_marked_healthy(walker, health):
+    health.record_failure("groq", "blip")
+    walk(walker, chain("groq"), Script(groq="answer"))
+    assert health.snapshot()["groq"]["consecutive_failures"] == 0
+
+
+def test_repeated_retryable_failures_trip_the_provider(walker, health):
+    call = Script(ollama=errors.UpstreamError("HTTP 500", reason="HTTP 500"), groq="answer")
+    walk(walker, chain("ollama", "groq"), call)
+    walk(walker, chain("ollama", "groq"), call)
+    walk(walker, chain("ollama", "groq"), call)
+    assert call.called == ["ollama", "groq", "ollama", "groq", "groq"]
+
+
+def test_upstream_404_falls_back_without_marking_provider_failed(walker, health, recorder):
+    call = Script(ollama=errors.UpstreamModelNotFound("model not pulled"), groq="answer")
+    outcome = walk(walker, chain("ollama", "groq"), call)
+    assert outcome.result == "answer"
+    assert attempts_of(recorder) == [("ollama/model-ollama", "model-not-found")]
+    state = health.snapshot()["ollama"]
+    assert (state["status"], state["consecutive_failures"]) == ("healthy", 0)
+
+
+def test_every_entry_404_is_model_not_found(walker):
+    call = Script(ollama=errors.UpstreamModelNotFound("no"),
+                  groq=errors.UpstreamModelNotFound("no"))
+    with pytest.raises(errors.ModelNotFound) as caught:
+        walk(walker, chain("ollama", "groq"), call)
+    assert caught.value.status == 404
+    assert caught.value.kind == "model_not_found"
+
+
+@pytest.mark.parametrize("error", [
+    errors.UpstreamInvalidRequest("context length exceeded", reason="HTTP 400"),
+    errors.UpstreamAuthError("groq refused the gateway's credentials (401)"),
+    errors.Blocked("refused on safety grounds"),
+    errors.CapabilityError("ollama/gemma3:4b does not support tools"),
+], ids=["upstream-400", "upstream-401", "blocked", "capability"])
+def test_non_retryable_error_stops_the_walk(walker, health, recorder, error):
+    call = Script(ollama=error, groq="unused")
+    with pytest.raises(type(error)) as caught:
+        walk(walker, chain("ollama", "groq"), call)
+    assert caught.value is error
+    assert call.called == ["ollama"]
+    state = health.snapshot()["ollama"]
+    assert (state["status"], state["consecutive_failures"], state["last_error"]) == (
+        "healthy", 0, None)
+
+
+def test_non_retryable_error_ends_a_half_open_trial(walker, health, clock):
+    trip(health, "ollama")
+    clock.advance(BACKOFF)
+    call = Script(ollama=errors.UpstreamInvalidRequest("bad request"))
+    with pytest.raises(errors.UpstreamInvalidRequest):
+        walk(walker, chain("ollama"), call)
+    # The caller's own error says nothing about health: the next caller gets a trial.
+    assert health.admit("ollama") is True
+
+
+def test_rate_limited_entry_cools_down_and_next_answers(walker, health, clock, recorder):
+    call = Script(ollama=errors.RateLimited("slow down", retry_after=2), groq="answer")
+    outcome = walk(walker, chain("ollama", "groq"), call)
+    assert outcome.result == "answer"
+    assert attempts_of(recorder) == [("ollama/model-ollama", "rate-limited")]
+    assert health.snapshot()["ollama"]["consecutive_failures"] == 0
+    assert health.admit("ollama") is False
+    clock.advance(2)
+    assert health.admit("ollama") is True
+
+
+def test_all_attempts_rate_limited_is_chain_rate_limited(health, prober, recorder):
+    walker = make_walker(health, prober, recorder, unconfigured=("openai",))
+    call = Script(ollama=errors.RateLimited("slow", retry_after=2),
+                  groq=errors.RateLimited("slow", retry_after=5))
+    with pytest.raises(errors.ChainRateLimited) as caught:
+        walk(walker, chain("ollama", "openai", "groq"), call)
+    error = caught.value
+    assert (error.status, error.kind) == (429, "rate_limit")
+    assert error.headers() == {"x-should-retry": "false", "Retry-After": "2"}
+
+
+@pytest.fixture
+def everything_down(health, prober, recorder, clock):
+    """openai unconfigured, groq tripped at t=0, openrouter at t=20; now t=30."""
+    trip(health, "groq")
+    clock.advance(20)
+    trip(health, "openrouter")
+    clock.advance(10)
+    walker = make_walker(health, prober, recorder, unconfigured=("openai",))
+    call = Script(ollama=errors.UpstreamUnavailable("refused", reason="ConnectionError"))
+    with pytest.raises(errors.ChainExhausted) as caught:
+        walk(walker, chain("openai", "groq", "ollama", "openrouter"), call)
+    return caught.value
+
+
+def test_everything_down_is_503_with_one_attempt_per_entry(everything_down):
+    assert (everything_down.status, everything_down.kind) == (503, "no_healthy_provider")
+    assert everything_down.body()["error"]["attempts"] == [
+        {"model": "openai/model-openai", "reason": "unconfigured"},
+        {"model": "groq/model-groq", "reason": "cache-unhealthy"},
+        {"model": "ollama/model-ollama", "reason": "ConnectionError"},
+        {"model": "openrouter/model-openrouter", "reason": "cache-unhealthy"},
+    ]
+
+
+def test_everything_down_tells_sdks_not_to_retry(everything_down):
+    assert everything_down.headers()["x-should-retry"] == "false"
+
+
+def test_everything_down_retry_after_is_shortest_remaining_backoff(everything_down):
+    # groq's backoff ends at 60 and openrouter's at 80; it is now 30.
+    assert everything_down.headers()["Retry-After"] == "30"
+
+
+def test_everything_down_is_not_rate_limited(everything_down):
+    assert not isinstance(everything_down, errors.ChainRateLimited)
+
+
+def test_chain_done_receives_the_attempts(walker, health, recorder):
+    trip(health, "groq")
+    entries = chain("groq", "ollama", "openrouter")
+    call = Script(ollama=errors.UpstreamError("HTTP 502", reason="HTTP 502"),
+                  openrouter="answer")
+    walk(walker, entries, call, alias="mana/fast-text")
+    (attempts, seen_entries, alias, served), = recorder.chains
+    assert [(a.model, a.reason, a.index) for a in attempts] == [
+        ("groq/model-groq", "cache-unhealthy", 0), ("ollama/model-ollama", "HTTP 502", 1)]
+    assert (seen_entries, alias, served) == (entries, "mana/fast-text", entries[2])
+
+
+def test_chain_done_is_told_when_the_chain_is_exhausted(walker, recorder):
+    call = Script(ollama=errors.UpstreamError("HTTP 500", reason="HTTP 500"))
+    with pytest.raises(errors.ChainExhausted):
+        walk(walker, chain("ollama"), call)
+    (attempts, _, _, served), = recorder.chains
+    assert [(a.model, a.reason) for a in attempts] == [("ollama/model-ollama", "HTTP 500")]
+    assert served is None
+
+
+def test_failed_calls_are_recorded_with_what_was_asked(walker, recorder):
+    call = Script(ollama=errors.UpstreamError("HTTP 500", reason="HTTP 500"), groq="answer")
+    walker.walk(chain("ollama", "groq"), call, asked="mana/fast-text", alias="mana/fast-text")
+    assert recorder.errors == [(Entry("ollama", "model-ollama"), "mana/fast-text", "HTTP 500")]
+
+
+def test_every_started_call_is_finished_with_the_prober(walker, prober):
+    call = Script(ollama=errors.UpstreamError("HTTP 500", reason="HTTP 500"),
+                  groq=errors.Blocked("no"))
+    with pytest.raises(errors.Blocked):
+        walk(walker, chain("ollama", "groq"), call)
+    assert prober.started == 2
+    assert prober.open == {}

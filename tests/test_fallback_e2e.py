@@ -1,0 +1,298 @@
+"""The outage scenarios, end to end under gunicorn with 2 workers.
+
+Health state is per worker (each has its own health cache), so tests that
+count upstream hits tell which worker served each request from the
+worker pid the access line logs beside the request id.
+"""
+
+import concurrent.futures
+import json
+import re
+import time
+
+import pytest
+import requests
+
+from tests.conftest import provider_env, wait_until, write_aliases
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "hello"}]
+CHAINS = {
+    "mana/long-form": ["ollama/gemma3:12b", "groq/llama-3.3-70b-versatile",
+                       "openrouter/anthropic/claude-3.5-sonnet"],
+    "mana/fast-text": ["ollama/qwen2.5:7b", "groq/llama-3.1-8b-instant"],
+}
+
+
+def start(gateway_factory, upstreams, tmp_path, **env):
+    """Start a gateway on the test chains with extra environment settings."""
+    full = provider_env(upstreams)
+    full["ALIASES_PATH"] = write_aliases(tmp_path / "aliases.yaml", CHAINS, "mana/fast-text")
+    full.update({k: str(v) for k, v in env.items()})
+    return gateway_factory(full)
+
+
+def ask(server, model="mana/long-form", request_id=None, timeout=30, **body):
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    return requests.post(server.url + CHAT, json={"model": model, "messages": USER, **body},
+                         headers=headers, timeout=timeout)
+
+
+def worker_of(server, request_ids):
+    """Return {request_id: worker pid} from the access lines of the gateway log."""
+    found = {}
+    for match in re.finditer(r"\[(\d+)\] \[([\w.:-]+)\] app\.access", server.log()):
+        if match.group(2) in request_ids:
+            found[match.group(2)] = int(match.group(1))
+    return found
+
+
+def chat_hits(fake):
+    return fake.hits("/api/chat") + fake.hits("/chat/completions")
+
+
+def test_refused_ollama_costs_under_a_second(gateway_factory, upstreams, tmp_path):
+    upstreams["ollama"].stop()  # connection refused from now on
+    server = start(gateway_factory, upstreams, tmp_path)
+    for _ in range(6):
+        started = time.monotonic()
+        response = ask(server)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 200
+        assert response.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
+        assert response.json()["model"] == "groq/llama-3.3-70b-versatile"
+        assert elapsed < 1.0, f"fallback took {elapsed:.2f}s"
+
+
+def test_dark_ollama_is_skipped_within_ten_seconds(gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path, GUNICORN_THREADS=64)
+    assert ask(server).headers["X-Mana-LLM-Resolved"] == "ollama/gemma3:12b"
+    upstreams["ollama"].behave("hang")
+    dark_at = time.monotonic()
+    skipped_at = None
+    while time.monotonic() - dark_at < 20:
+        try:
+            response = ask(server, timeout=1.0)
+        except requests.Timeout:
+            continue  # this caller is stuck on the dark box; the gateway notices
+        if response.headers.get("X-Mana-LLM-Resolved", "").startswith("groq/"):
+            skipped_at = time.monotonic()
+            break
+    assert skipped_at is not None, "requests never skipped the dark provider"
+    figure = skipped_at - dark_at
+    print(f"\n[figure] dark Ollama skipped by requests {figure:.1f}s after it went dark")
+    assert figure <= 10.0
+    # Once skipped, every request is fast, on both workers.
+    for _ in range(10):
+        started = time.monotonic()
+        assert ask(server, timeout=5).headers["X-Mana-LLM-Resolved"].startswith("groq/")
+        assert time.monotonic() - started < 1.0
+
+
+def test_500s_trip_then_half_open_lets_one_trial_per_worker(
+        gateway_factory, upstreams, tmp_path):
+    ollama = upstreams["ollama"]
+    server = start(gateway_factory, upstreams, tmp_path, UNHEALTHY_BACKOFF=4,
+                   PROBE_INTERVAL=3600)
+    ollama.behave("status", status=500, path="/api/chat")
+    ids = [f"trip-{i}" for i in range(14)]
+    for request_id in ids:
+        response = ask(server, request_id=request_id)
+        assert response.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
+    workers = worker_of(server, ids)
+    per_worker = {pid: list(workers.values()).count(pid) for pid in set(workers.values())}
+    # Each worker's breaker trips after exactly 2 failures, then skips.
+    assert chat_hits(ollama) == sum(min(n, 2) for n in per_worker.values())
+    health = requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
+    assert health["status"] == "unhealthy" or sum(per_worker.values()) < 14
+
+    until = max(requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
+                ["unhealthy_until_unix"] or 0 for _ in range(6))
+    assert wait_until(lambda: time.time() > until + 0.2, timeout=10)
+    ollama.reset()
+    ollama.behave("delay", seconds=0.6, path="/api/chat")
+    burst = [f"burst-{i}" for i in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda rid: ask(server, request_id=rid), burst))
+    assert all(a.status_code == 200 for a in answers)
+    served_by = [a.headers["X-Mana-LLM-Resolved"] for a in answers]
+    trial_workers = set(worker_of(server, burst).values())
+    # Exactly one trial per worker that saw the burst; the rest kept skipping.
+    assert chat_hits(ollama) == len(trial_workers)
+    assert served_by.count("ollama/gemma3:12b") == len(trial_workers)
+
+    ollama.reset()
+    for i in range(8):
+        response = ask(server, request_id=f"after-{i}")
+        assert response.headers["X-Mana-LLM-Resolved"] == "ollama/gemma3:12b"
+
+
+def test_429_cools_the_provider_for_retry_after(gateway_factory, upstreams, tmp_path):
+    ollama = upstreams["ollama"]
+    server = start(gateway_factory, upstreams, tmp_path, PROBE_INTERVAL=3600)
+    ollama.behave("rate_limit", retry_after="2", path="/api/chat", times=1)
+    first = ask(server, request_id="limited")
+    assert first.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
+    limited_at = time.monotonic()
+    pid = worker_of(server, {"limited"})["limited"]
+    during, after = [], []
+    while time.monotonic() - limited_at < 1.5:
+        rid = f"during-{len(during)}"
+        during.append((rid, ask(server, request_id=rid).headers["X-Mana-LLM-Resolved"]))
+    assert wait_until(lambda: time.monotonic() - limited_at > 2.2, timeout=5)
+    for i in range(10):
+        rid = f"after-{i}"
+        after.append((rid, ask(server, request_id=rid).headers["X-Mana-LLM-Resolved"]))
+    pids = worker_of(server, {rid for rid, _ in during + after})
+    same_worker_during = [model for rid, model in during if pids[rid] == pid]
+    assert same_worker_during, "no request reached the rate-limited worker in time"
+    assert all(m.startswith("groq/") for m in same_worker_during)
+    assert all(m == "ollama/gemma3:12b" for _, m in after)
+    health = requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
+    assert health["consecutive_failures"] == 0  # a 429 is not a failure
+
+
+def test_upstream_400_stops_the_walk_and_leaves_health_alone(gateway_factory, upstreams,
+                                                             tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)
+    upstreams["ollama"].behave("status", status=400, path="/api/chat",
+                               body={"error": "prompt is too long"})
+    for _ in range(4):
+        response = ask(server)
+        assert response.status_code == 400
+        assert "prompt is too long" in response.json()["error"]["message"]
+    assert chat_hits(upstreams["groq"]) == 0
+    for _ in range(6):
+        health = requests.get(server.url + "/v1/health").json()
+        assert health["providers"]["ollama"]["status"] == "healthy"
+        assert health["providers"]["ollama"]["consecutive_failures"] == 0
+
+
+def test_every_entry_down_is_503_with_attempts(gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path, PROBE_INTERVAL=3600)
+    upstreams["ollama"].stop()
+    upstreams["groq"].behave("status", status=502, path="chat")
+    upstreams["openrouter"].behave("hang", path="chat")
+    response = ask(server, timeout=60)
+    body = response.json()
+    assert response.status_code == 503
+    assert response.headers["x-should-retry"] == "false"
+    assert body["detail"]["kind"] == "no_healthy_provider"
+    assert [a["model"] for a in body["error"]["attempts"]] == CHAINS["mana/long-form"]
+    reasons = [a["reason"] for a in body["error"]["attempts"]]
+    assert reasons[0] in ("ConnectionError", "cache-unhealthy")
+    assert reasons[1] == "HTTP 502"
+
+
+def test_every_entry_rate_limited_is_429_with_retry_after(gateway_factory, upstreams,
+                                                          tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path, PROBE_INTERVAL=3600)
+    for name in ("ollama", "groq", "openrouter"):
+        upstreams[name].behave("rate_limit", retry_after="7", path="chat")
+    response = ask(server)
+    assert response.status_code == 429
+    assert response.headers["x-should-retry"] == "false"
+    assert 1 <= int(response.headers["Retry-After"]) <= 7
+    assert response.json()["detail"]["kind"] == "rate_limit"
+    assert len(response.json()["error"]["attempts"]) == 3
+
+
+def test_unknown_alias_404_and_default_alias(gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)
+    response = ask(server, model="mana/nope")
+    assert response.status_code == 404
+    assert "mana/fast-text" in response.json()["error"]["message"]
+    default = requests.post(server.url + CHAT, json={"messages": USER})
+    assert default.headers["X-Mana-LLM-Resolved"] == "ollama/qwen2.5:7b"
+
+
+def read_sse(response):
+    """Return the parsed ``data:`` events of an SSE response, [DONE] as the string."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            payload = line[6:]
+            events.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+    return events
+
+
+def stream(server, model="mana/long-form", timeout=30):
+    return requests.post(server.url + CHAT, json={"model": model, "messages": USER,
+                                                  "stream": True},
+                         stream=True, timeout=timeout)
+
+
+def contents(events):
+    return [e["choices"][0]["delta"].get("content") for e in events
+            if isinstance(e, dict) and e.get("choices")]
+
+
+@pytest.mark.parametrize("mode, opts", [
+    ("status", {"status": 503}),
+    ("stream_error", {}),
+    ("malformed", {}),
+])
+def test_stream_falls_back_before_first_chunk(gateway_factory, upstreams, tmp_path,
+                                              mode, opts):
+    server = start(gateway_factory, upstreams, tmp_path)
+    upstreams["ollama"].behave(mode, path="/api/chat", **opts)
+    response = stream(server)
+    assert response.status_code == 200
+    assert response.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
+    events = read_sse(response)
+    assert "".join(c or "" for c in contents(events)) == upstreams["groq"].reply_text
+    assert {e["model"] for e in events if isinstance(e, dict)} == \
+        {"groq/llama-3.3-70b-versatile"}
+    assert events[-1] == "[DONE]"
+
+
+def test_stream_whose_whole_chain_fails_is_a_json_503(
+        gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)
+    for name in ("ollama", "groq", "openrouter"):
+        upstreams[name].behave("status", status=500, path="chat")
+    response = stream(server)
+    assert response.status_code == 503
+    assert response.json()["detail"]["kind"] == "no_healthy_provider"
+
+
+def test_stream_dropped_after_3_chunks_ends_with_error_event(
+        gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)
+    upstreams["ollama"].behave("drop_after", chunks=3, path="/api/chat")
+    response = stream(server)
+    assert response.headers["X-Mana-LLM-Resolved"] == "ollama/gemma3:12b"
+    events = read_sse(response)
+    assert events[-1] == "[DONE]"
+    errors = [e for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and errors[0]["error"]["type"]
+    assert len([c for c in contents(events) if c]) == 3
+    assert {e["model"] for e in events if isinstance(e, dict) and "model" in e} == \
+        {"ollama/gemma3:12b"}
+    assert chat_hits(upstreams["groq"]) == 0
+
+
+def test_silent_stream_ends_after_idle_timeout(gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path, STREAM_IDLE_TIMEOUT=1)
+    upstreams["ollama"].behave("stall_after", chunks=3, path="/api/chat")
+    started = time.monotonic()
+    events = read_sse(stream(server))
+    elapsed = time.monotonic() - started
+    assert events[-1] == "[DONE]"
+    assert "error" in events[-2]
+    assert len([c for c in contents(events) if c]) == 3
+    assert elapsed < 10
+
+
+def test_client_disconnect_closes_upstream(gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)
+    fake = upstreams["ollama"]
+    fake.behave("slow_stream", interval=0.1, chunks=200, path="/api/chat")
+    response = stream(server)
+    lines = response.iter_lines()
+    for _ in range(6):
+        next(lines)
+    response.close()
+    assert fake.wait_for(lambda: fake.stream_write_failures >= 1, timeout=10)

@@ -1,0 +1,489 @@
+"""Provider translation (SPEC §4), the transport's error mapping (§6) and redaction (§8)."""
+
+import email.utils
+import json
+import math
+import time
+
+import pytest
+import requests
+import responses
+
+from app import errors
+from app.config import build_config
+from app.providers import build_providers
+from app.providers.base import parse_retry_after
+from app.providers.ollama import StreamTranslator, chat_body, supports_tools, translate_answer
+from app.providers.openai_compat import translate_chunk, translate_completion, upstream_body
+from app.redact import Redactor
+
+GROQ = "http://groq.test/v1"
+OLLAMA = "http://ollama.test"
+GROQ_KEY = "test-groq-key-0123456789"
+COOLDOWN = 15.0
+USER = {"role": "user", "content": "hi"}
+
+
+def request(**fields):
+    body = {"model": "mana/fast-text", "messages": [dict(USER)]}
+    body.update(fields)
+    return body
+
+
+# -- Ollama: request translation ----------------------------------------------------------
+
+def test_data_image_becomes_base64_images():
+    body = request(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+    message, = chat_body(body, "gemma3:4b", False)["messages"]
+    assert message == {"role": "user", "content": "what is this?", "images": ["iVBORw0KGgo="]}
+
+
+@pytest.mark.parametrize("url", ["http://example.com/cat.png", "https://example.com/cat.png",
+                                 "file:///etc/passwd"])
+def test_image_url_that_is_not_data_is_refused_as_capability(url):
+    body = request(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}]}])
+    with pytest.raises(errors.CapabilityError) as caught:
+        chat_body(body, "gemma3:4b", False)
+    assert (caught.value.status, caught.value.kind) == (400, "capability")
+
+
+def test_data_url_that_is_not_base64_is_invalid_request():
+    body = request(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:text/plain,hello"}}]}])
+    with pytest.raises(errors.InvalidRequest):
+        chat_body(body, "gemma3:4b", False)
+
+
+def test_json_object_format_becomes_json():
+    out = chat_body(request(response_format={"type": "json_object"}), "qwen2.5:7b", False)
+    assert out["format"] == "json"
+
+
+def test_json_schema_format_becomes_the_schema():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    body = request(response_format={"type": "json_schema",
+                                    "json_schema": {"name": "thing", "schema": schema}})
+    assert chat_body(body, "qwen2.5:7b", False)["format"] == schema
+
+
+def test_no_response_format_sets_no_format():
+    assert "format" not in chat_body(request(), "qwen2.5:7b", False)
+
+
+def test_sampling_fields_go_into_options():
+    body = request(temperature=0.2, top_p=0.8, max_tokens=50, stop=["\n\n", "END"])
+    out = chat_body(body, "qwen2.5:7b", False)
+    assert out["options"] == {"temperature": 0.2, "top_p": 0.8, "num_predict": 50,
+                              "stop": ["\n\n", "END"]}
+    assert "max_tokens" not in out and "temperature" not in out
+
+
+def test_stop_string_becomes_a_list_in_options():
+    assert chat_body(request(stop="END"), "qwen2.5:7b", False)["options"]["stop"] == ["END"]
+
+
+def test_request_names_model_and_stream():
+    out = chat_body(request(), "qwen2.5:7b", True)
+    assert (out["model"], out["stream"]) == ("qwen2.5:7b", True)
+
+
+def test_assistant_tool_call_arguments_become_objects():
+    body = request(messages=[USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+    assistant = chat_body(body, "qwen2.5:7b", False)["messages"][1]
+    assert assistant["tool_calls"] == [{"function": {"name": "get_weather",
+                                                     "arguments": {"city": "Paris"}}}]
+    assert assistant["content"] == ""
+
+
+# -- Ollama: answer translation -----------------------------------------------------------
+
+def ollama_answer(content="", **extra):
+    answer = {"model": "qwen2.5:7b", "message": {"role": "assistant", "content": content},
+              "done": True, "done_reason": "stop"}
+    answer.update(extra)
+    return answer
+
+
+@pytest.mark.parametrize("content", ['```json\n{"a": 1}\n```', '```\n{"a": 1}\n```',
+                                     '  ```json{"a": 1}```  '])
+def test_fences_are_stripped_when_json_was_asked(content):
+    out = translate_answer(ollama_answer(content), "ollama/qwen2.5:7b", True)
+    assert json.loads(out["choices"][0]["message"]["content"]) == {"a": 1}
+
+
+def test_fences_are_kept_when_json_was_not_asked():
+    text = "Here:\n```python\nprint(1)\n```"
+    out = translate_answer(ollama_answer(text), "ollama/qwen2.5:7b", False)
+    assert out["choices"][0]["message"]["content"] == text
+
+
+def test_answer_is_a_chat_completion_for_the_entry():
+    out = translate_answer(ollama_answer("hello"), "ollama/qwen2.5:7b", False)
+    assert (out["object"], out["model"]) == ("chat.completion", "ollama/qwen2.5:7b")
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tool_calls_get_ids_and_json_string_arguments():
+    answer = ollama_answer(message={"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"function": {"name": "get_time", "arguments": {"tz": "CET"}}}]})
+    choice, = translate_answer(answer, "ollama/qwen2.5:7b", False)["choices"]
+    calls = choice["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"},
+                                                                       {"tz": "CET"}]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert all(c["type"] == "function" and isinstance(c["id"], str) and c["id"]
+               for c in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+    assert choice["finish_reason"] == "tool_calls"
+
+
+def test_tool_call_id_from_upstream_is_kept():
+    answer = ollama_answer(message={"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_abc", "function": {"name": "f", "arguments": {}}}]})
+    choice, = translate_answer(answer, "ollama/qwen2.5:7b", False)["choices"]
+    assert choice["message"]["tool_calls"][0]["id"] == "call_abc"
+
+
+@pytest.mark.parametrize("done_reason, finish_reason", [("length", "length"),
+                                                        ("stop", "stop")])
+def test_done_reason_maps_to_finish_reason(done_reason, finish_reason):
+    out = translate_answer(ollama_answer("partial", done_reason=done_reason),
+                           "ollama/qwen2.5:7b", False)
+    assert out["choices"][0]["finish_reason"] == finish_reason
+
+
+def test_usage_comes_from_eval_counts():
+    out = translate_answer(ollama_answer("hi", prompt_eval_count=12, eval_count=5),
+                           "ollama/qwen2.5:7b", False)
+    assert out["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+
+
+@pytest.mark.parametrize("answer", [{}, {"message": "hi"}, [], "text"])
+def test_answer_without_message_is_malformed(answer):
+    with pytest.raises(errors.UpstreamError) as caught:
+        translate_answer(answer, "ollama/qwen2.5:7b", False)
+    assert caught.value.reason == "malformed-response"
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("qwen2.5:7b", True), ("llama3.1:8b", True), ("llama3.2", True), ("llama3.3:70b", True),
+    ("qwen3:8b", True), ("mistral:7b", True), ("mixtral:8x7b", True), ("command-r", True),
+    ("firefunction-v2", True), ("Qwen2.5:7B", True),
+    ("gemma3:4b", False), ("gemma3:12b", False), ("llama3:8b", False), ("llama2", False),
+    ("phi3", False), ("qwen2:7b", False),
+])
+def test_supports_tools(model, expected):
+    assert supports_tools(model) is expected
+
+
+def ndjson(*events):
+    return [json.dumps(e).encode() for e in events]
+
+
+def translate_stream(lines, label="ollama/qwen2.5:7b"):
+    translator = StreamTranslator(label)
+    return [chunk for line in lines for chunk in translator.translate(line)], translator
+
+
+def test_stream_lines_become_openai_chunks():
+    chunks, translator = translate_stream(ndjson(
+        {"message": {"role": "assistant", "content": "Hel"}, "done": False},
+        {"message": {"role": "assistant", "content": "lo"}, "done": False},
+        {"message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop",
+         "prompt_eval_count": 4, "eval_count": 2}))
+    assert translator.done
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert {c["model"] for c in chunks} == {"ollama/qwen2.5:7b"}
+    assert len({c["id"] for c in chunks}) == 1
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(ch["delta"].get("content") or "" for ch in choices) == "Hello"
+    assert choices[0]["delta"].get("role") == "assistant"
+    assert [ch["finish_reason"] for ch in choices if ch["finish_reason"]] == ["stop"]
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2,
+                                   "total_tokens": 6}
+
+
+def test_stream_done_reason_length_finishes_with_length():
+    chunks, _ = translate_stream(ndjson(
+        {"message": {"content": "abc"}, "done": False},
+        {"message": {"content": ""}, "done": True, "done_reason": "length"}))
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert [r for r in reasons if r] == ["length"]
+
+
+def test_stream_tool_calls_are_passed_on():
+    chunks, _ = translate_stream(ndjson(
+        {"message": {"content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+         "done": False},
+        {"message": {"content": ""}, "done": True, "done_reason": "stop"}))
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    calls = [call for ch in choices for call in ch["delta"].get("tool_calls") or ()]
+    assert len(calls) == 1
+    assert calls[0]["index"] == 0 and calls[0]["id"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert [ch["finish_reason"] for ch in choices if ch["finish_reason"]] == ["tool_calls"]
+
+
+def test_stream_error_line_raises_upstream_error():
+    translator = StreamTranslator("ollama/qwen2.5:7b")
+    translator.translate(ndjson({"message": {"content": "Hel"}, "done": False})[0])
+    with pytest.raises(errors.UpstreamError) as caught:
+        translator.translate(ndjson({"error": "model runner has unexpectedly stopped"})[0])
+    assert "unexpectedly stopped" in caught.value.message
+    assert caught.value.on_failure == "trip"
+
+
+@pytest.mark.parametrize("line", [b"{not json", b"[1, 2]", b'"text"'])
+def test_stream_malformed_line_raises_upstream_error(line):
+    with pytest.raises(errors.UpstreamError) as caught:
+        StreamTranslator("ollama/qwen2.5:7b").translate(line)
+    assert caught.value.reason == "malformed-response"
+
+
+# -- OpenAI-compatible translation --------------------------------------------------------
+
+def test_upstream_body_keeps_unknown_fields_and_sets_upstream_model():
+    body = request(temperature=0.3, x_vendor={"a": [1]}, logit_bias={"1": 2}, user="u")
+    out = upstream_body(body, "llama-3.1-8b-instant", False)
+    assert out == dict(body, model="llama-3.1-8b-instant")
+    assert body["model"] == "mana/fast-text"  # the caller's body is not changed
+
+
+def test_upstream_body_for_a_stream_asks_for_usage():
+    out = upstream_body(request(stream=True), "llama-3.1-8b-instant", True)
+    assert out["stream"] is True
+    assert out["stream_options"] == {"include_usage": True}
+
+
+def test_upstream_body_not_streamed_drops_stream_fields():
+    out = upstream_body(request(stream=False, stream_options={"include_usage": True}),
+                        "llama-3.1-8b-instant", False)
+    assert "stream" not in out and "stream_options" not in out
+
+
+def completion(model="llama-3.1-8b-instant"):
+    return {"id": "chatcmpl-1", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                         "finish_reason": "stop"}]}
+
+
+def test_translate_completion_rewrites_model_to_provider_and_model():
+    out = translate_completion(completion(), "groq/llama-3.1-8b-instant")
+    assert out["model"] == "groq/llama-3.1-8b-instant"
+    assert out["choices"] == completion()["choices"]
+
+
+@pytest.mark.parametrize("answer", [{"choices": []}, {"object": "list"}, [],
+                                    {"error": {"message": "overloaded"}}],
+                         ids=["empty-choices", "no-choices", "list", "error-body"])
+def test_translate_completion_refuses_an_answer_without_choices(answer):
+    with pytest.raises(errors.UpstreamError):
+        translate_completion(answer, "groq/llama-3.1-8b-instant")
+
+
+def test_translate_chunk_rewrites_model():
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "llama",
+             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+    assert translate_chunk(chunk, "groq/llama")["model"] == "groq/llama"
+
+
+@pytest.mark.parametrize("event", [{"error": {"message": "upstream overloaded"}},
+                                   {"error": "upstream overloaded"}],
+                         ids=["object", "string"])
+def test_translate_chunk_raises_on_in_stream_error(event):
+    with pytest.raises(errors.UpstreamError) as caught:
+        translate_chunk(event, "groq/llama")
+    assert "upstream overloaded" in caught.value.message
+    assert caught.value.on_failure == "trip"
+
+
+# -- Transport: upstream HTTP answers become our errors -----------------------------------
+
+@pytest.fixture
+def providers():
+    built = build_providers(build_config({
+        "GROQ_API_KEY": GROQ_KEY, "GROQ_BASE_URL": GROQ, "OLLAMA_URL": OLLAMA,
+        "RATE_LIMIT_COOLDOWN": COOLDOWN}))
+    yield built
+    for provider in built.values():
+        provider.close()
+
+
+@pytest.fixture
+def upstream():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def groq_answers(upstream, providers, **answer):
+    upstream.add(responses.POST, GROQ + "/chat/completions", **answer)
+    with pytest.raises(errors.GatewayError) as caught:
+        providers["groq"].chat(request(), "llama-3.1-8b-instant")
+    return caught.value
+
+
+def test_successful_call_sends_key_and_translates(upstream, providers):
+    upstream.add(responses.POST, GROQ + "/chat/completions", json=completion())
+    out = providers["groq"].chat(request(temperature=0.5), "llama-3.1-8b-instant")
+    assert out["model"] == "groq/llama-3.1-8b-instant"
+    sent = upstream.calls[0].request
+    assert sent.headers["Authorization"] == f"Bearer {GROQ_KEY}"
+    assert json.loads(sent.body)["model"] == "llama-3.1-8b-instant"
+
+
+def test_ollama_call_goes_to_api_chat_with_options(upstream, providers):
+    upstream.add(responses.POST, OLLAMA + "/api/chat",
+                 json=ollama_answer("hi", prompt_eval_count=3, eval_count=1))
+    out = providers["ollama"].chat(request(max_tokens=9), "qwen2.5:7b")
+    assert out["model"] == "ollama/qwen2.5:7b"
+    sent = json.loads(upstream.calls[0].request.body)
+    assert (sent["model"], sent["stream"]) == ("qwen2.5:7b", False)
+    assert sent["options"] == {"num_predict": 9}
+
+
+@pytest.mark.parametrize("exception, reason", [
+    (requests.ConnectionError(ConnectionRefusedError(111, "Connection refused")),
+     "ConnectionError"),
+    (requests.ConnectTimeout("connect timed out"), "ConnectTimeout"),
+    (requests.ReadTimeout("read timed out"), "ReadTimeout"),
+], ids=["refused", "connect-timeout", "read-timeout"])
+def test_unreachable_upstream_is_upstream_unavailable(upstream, providers, exception, reason):
+    error = groq_answers(upstream, providers, body=exception)
+    assert isinstance(error, errors.UpstreamUnavailable)
+    assert (error.reason, error.on_failure) == (reason, "trip")
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_upstream_5xx_is_upstream_error(upstream, providers, status):
+    error = groq_answers(upstream, providers, status=status, body="oops")
+    assert type(error) is errors.UpstreamError
+    assert (error.status, error.reason, error.on_failure) == (502, f"HTTP {status}", "trip")
+
+
+def test_429_with_retry_after_seconds_is_rate_limited(upstream, providers):
+    error = groq_answers(upstream, providers, status=429, headers={"Retry-After": "7"},
+                         json={"error": {"message": "slow down"}})
+    assert isinstance(error, errors.RateLimited)
+    assert error.retry_after == pytest.approx(7)
+
+
+def test_429_with_retry_after_date_is_rate_limited(upstream, providers):
+    when = email.utils.formatdate(time.time() + 7, usegmt=True)
+    error = groq_answers(upstream, providers, status=429, headers={"Retry-After": when})
+    assert isinstance(error, errors.RateLimited)
+    assert error.retry_after == pytest.approx(7, abs=1.5)
+
+
+def test_429_without_retry_after_uses_default_cooldown(upstream, providers):
+    error = groq_answers(upstream, providers, status=429, json={"error": {"message": "x"}})
+    assert error.retry_after == pytest.approx(COOLDOWN)
+
+
+@pytest.mark.parametrize("status", [400, 422])
+def test_upstream_400_is_invalid_request_with_upstream_message(upstream, providers, status):
+    message = "This model's maximum context length is 8192 tokens (context length exceeded)"
+    error = groq_answers(upstream, providers, status=status, json={
+        "error": {"message": message, "type": "invalid_request_error", "code": None}})
+    assert isinstance(error, errors.UpstreamInvalidRequest)
+    assert (error.status, error.kind, error.on_failure) == (400, "invalid_request", "stop")
+    assert error.message == message
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_upstream_401_is_auth_error(upstream, providers, status):
+    error = groq_answers(upstream, providers, status=status,
+                         json={"error": {"message": "Invalid API Key"}})
+    assert isinstance(error, errors.UpstreamAuthError)
+    assert (error.status, error.kind, error.on_failure) == (502, "auth", "stop")
+
+
+def test_upstream_404_is_model_not_found_on_a_live_provider(upstream, providers):
+    error = groq_answers(upstream, providers, status=404,
+                         json={"error": {"message": "model not found"}})
+    assert isinstance(error, errors.UpstreamModelNotFound)
+    assert (error.status, error.on_failure) == (404, "next")
+
+
+@pytest.mark.parametrize("body", ["<html>Bad Gateway</html>", "", '{"choices": [', "\xff"])
+def test_200_with_non_json_body_is_malformed(upstream, providers, body):
+    error = groq_answers(upstream, providers, status=200, body=body)
+    assert type(error) is errors.UpstreamError
+    assert error.reason == "malformed-response"
+
+
+def test_redirect_is_not_followed(upstream, providers):
+    upstream.add(responses.POST, "http://elsewhere.test/steal", json=completion())
+    upstream.add(responses.GET, "http://elsewhere.test/steal", json=completion())
+    error = groq_answers(upstream, providers, status=302,
+                         headers={"Location": "http://elsewhere.test/steal"})
+    assert type(error) is errors.UpstreamError
+    assert error.on_failure == "trip"
+    assert [c.request.url for c in upstream.calls] == [GROQ + "/chat/completions"]
+
+
+NOW = 1_700_000_000
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("7", 7.0), ("0", 0.0), (" 12 ", 12.0), ("1.5", 1.5), ("-3", 0.0),
+    (None, COOLDOWN), ("", COOLDOWN), ("soon", COOLDOWN), ("Mon, 99 Foo 2024", COOLDOWN),
+    (email.utils.formatdate(NOW + 30, usegmt=True), 30.0),
+    (email.utils.formatdate(NOW - 30, usegmt=True), 0.0),
+])
+def test_parse_retry_after(value, expected):
+    assert parse_retry_after(value, COOLDOWN, now=NOW) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", ["inf", "Infinity", "1e400"])
+def test_parse_retry_after_is_finite(value):
+    assert math.isfinite(parse_retry_after(value, COOLDOWN, now=NOW))
+
+
+# -- Redactor -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, secret", [
+    ("groq said: key test-groq-key-0123456789 refused", "test-groq-key-0123456789"),
+    ("Incorrect API key provided: sk-proj-AbCdEf0123456789xyz.", "sk-proj-AbCdEf0123456789xyz"),
+    ("bad key sk-or-v1-0123456789abcdef0123", "sk-or-v1-0123456789abcdef0123"),
+    ("groq key gsk_AbCdEfGhIjKlMnOp0123 invalid", "gsk_AbCdEfGhIjKlMnOp0123"),
+    ("url ?key=AIzaSyA-1234567890abcdefghijkl failed", "AIzaSyA-1234567890abcdefghijkl"),
+    ("Incorrect API key provided: sk-proj-****abcd. You can find", "****abcd"),
+    ("Incorrect API key provided: test****5678.", "test****5678"),
+    ("key sk-abc...wxyz was refused", "abc...wxyz"),
+    ("Authorization: Bearer abcdef0123456789", "abcdef0123456789"),
+], ids=["configured", "sk-proj", "sk-or", "gsk", "AIza", "masked-sk", "masked-other",
+        "elided", "bearer"])
+def test_redactor_removes_keys_and_fragments(text, secret):
+    out = Redactor([GROQ_KEY]).redact(text)
+    assert secret not in out
+    assert "[redacted]" in out
+
+
+def test_redactor_removes_every_configured_secret_even_unshaped():
+    out = Redactor(["hunter2-plain", "other-secret-value"]).redact(
+        "a hunter2-plain b other-secret-value c")
+    assert out == "a [redacted] b [redacted] c"
+
+
+@pytest.mark.parametrize("text", [
+    "This model's maximum context length is 8192 tokens",
+    "groq/llama-3.1-8b-instant failed with HTTP 500: upstream overloaded",
+    "rate limit reached for model gpt-4o-mini; retry in 7s",
+])
+def test_redactor_leaves_ordinary_messages_alone(text):
+    assert Redactor([GROQ_KEY]).redact(text) == text
+
+
+@pytest.mark.parametrize("text", ["Invalid value for task-specific parameter",
+                                  "upstream network-connectivity problem"])
+def test_redactor_leaves_hyphenated_words_alone(text):
+    assert Redactor().redact(text) == text
