@@ -73,17 +73,18 @@ def build_gateway(config):
     table = load_alias_table(config)
     health = HealthCache(configured, threshold=config["FAILURE_THRESHOLD"],
                          backoff=config["UNHEALTHY_BACKOFF"])
+    redactor = Redactor(config_module.secrets(config))
     prober = Prober(configured, health, interval=config["PROBE_INTERVAL"],
-                    timeout=config["PROBE_TIMEOUT"])
+                    timeout=config["PROBE_TIMEOUT"], redactor=redactor)
     known = {""} | set(table.aliases)
     for alias in table.aliases.values():
         known.update(e.label for e in alias.chain)
         known.update(e.model for e in alias.chain)
     recorder = Recorder(LabelCap(config["METRICS_LABEL_CAP"], known))
     health.subscribe(recorder.provider_health)
-    walker = ChainWalker(providers, health, prober, recorder)
+    walker = ChainWalker(providers, health, prober, recorder, redactor)
     return Gateway(config, providers, AliasRegistry(table), health, prober, walker,
-                   recorder, Redactor(config_module.secrets(config)))
+                   recorder, redactor)
 
 
 def create_app(test_config=None):

@@ -202,6 +202,7 @@ class ManyStreams:
     count: int
     failed: int = 0
     peak_open: int = 0
+    late: int = 0               # first byte after more than a second: waited for a thread
     first_byte_max: float = 0.0
     duration_max: float = 0.0
     rss_peak_mib: float = 0.0
@@ -259,6 +260,7 @@ def many_streams(port, model, count, chunks, interval, sample_rss, timeout=60.0)
     failed = [r for r in results if not r.ok] + [None] * (count - len(results))
     outcome.failed = len(failed)
     outcome.errors = sorted({r.error if r else "no result" for r in failed})[:5]
+    outcome.late = sum(r.first_byte > 1.0 for r in results)
     outcome.first_byte_max = max((r.first_byte for r in results), default=0.0)
     outcome.duration_max = max((r.total for r in results), default=0.0)
     return outcome

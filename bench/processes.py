@@ -138,6 +138,26 @@ def cpu_seconds_between(before, after):
     return sum(t - before.get(pid, 0) for pid, t in after.items()) / CLOCK_TICKS
 
 
+def busy_cpu_seconds():
+    """Return the CPU seconds the whole box has been busy since boot (all cores)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def tree_cpu_seconds(root):
+    """Return the CPU seconds of ``root``'s tree, children it has reaped included."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])
+    return total / CLOCK_TICKS
+
+
 def rss_mib(root):
     """Return the summed VmRSS of ``root``'s process tree, in MiB."""
     total_kib = 0

@@ -21,6 +21,7 @@ class Row:
     upstream_conns: int     # connections the upstream accepted during the run
     added_p50: float = None
     added_p99: float = None
+    others_cores: float = 0.0   # CPU used meanwhile by processes outside the benchmark
 
 
 def box_facts(repo):
@@ -31,10 +32,15 @@ def box_facts(repo):
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=repo,
-                            capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=repo,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    with open("/proc/loadavg") as handle:
+        load = " ".join(handle.read().split()[:3])
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "kernel": platform.release(), "commit": commit or "unknown"}
+            "kernel": platform.release(), "commit": commit or "unknown", "load": load}
 
 
 def _ms(value):
@@ -48,15 +54,16 @@ def _added(value):
 def render_load(rows):
     """Return the table of plain-request runs."""
     lines = ["| path | conns | RPS | p50 ms | p90 ms | p99 ms | added p50 ms | added p99 ms "
-             "| server CPU ms/req | server RSS MiB | upstream conns opened | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server CPU ms/req | server RSS MiB | upstream conns opened | others' CPU (cores) "
+             "| errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         s = row.stats
         errors = f"{s.errors} ({s.error_sample[:60]})" if s.errors else "0"
         lines.append(f"| {row.path} | {row.conns} | {s.rps:,.0f} | {_ms(s.p50)} | "
                      f"{_ms(s.p90)} | {_ms(s.p99)} | {_added(row.added_p50)} | "
                      f"{_added(row.added_p99)} | {row.cpu_ms:.3f} | {row.rss_mib:.1f} | "
-                     f"{row.upstream_conns} | {errors} |")
+                     f"{row.upstream_conns} | {row.others_cores:.2f} | {errors} |")
     return "\n".join(lines)
 
 
@@ -86,11 +93,13 @@ def render_many(many, chunks, interval, rss_after):
     """Return the many-streams table."""
     errors = "; ".join(many.errors) or "-"
     return "\n".join([
-        "| concurrent slow streams | failed | peak open at once | first byte max s "
-        "| duration max s | gateway RSS MiB while open (peak) | RSS after | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| concurrent slow streams | failed | peak open at once | first byte > 1 s "
+        "| first byte max s | duration max s | gateway RSS MiB while open (peak) | RSS after "
+        "| errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         f"| {many.count} ({chunks} chunks, one per {interval * 1000:.0f} ms) | {many.failed} "
-        f"| {many.peak_open} | {many.first_byte_max:.2f} | {many.duration_max:.2f} "
+        f"| {many.peak_open} | {many.late} | {many.first_byte_max:.2f} "
+        f"| {many.duration_max:.2f} "
         f"| {many.rss_peak_mib:.1f} | {rss_after:.1f} | {errors} |",
     ])
 
@@ -106,7 +115,8 @@ def render_targets(targets):
 def render_box(box, settings):
     """Return the box and settings as a short bullet list."""
     items = [f"- box: {box['nproc']} cores, {box['cpu']}, Linux {box['kernel']}, "
-             f"Python {box['python']}, commit {box['commit']}"]
+             f"Python {box['python']}, commit {box['commit']}, load average at the end "
+             f"{box['load']}"]
     items += [f"- {text}" for text in settings]
     return "\n".join(items)
 

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 import requests
 
 import clients
+import hotpath
 import report
-from processes import (Processes, cpu_seconds_between, cpu_ticks, free_port, process_tree,
-                       raise_open_files_limit, rss_mib, wait_until)
+from processes import (Processes, busy_cpu_seconds, cpu_seconds_between, cpu_ticks, free_port,
+                       process_tree, raise_open_files_limit, rss_mib, tree_cpu_seconds,
+                       wait_until)
 from upstream import COMPLETION_JSON, MODELS_JSON
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -70,6 +72,8 @@ def parse_args(argv):
     parser.add_argument("--streams", type=int, help="concurrent slow streams")
     parser.add_argument("--log-level", default="warning",
                         help="gateway LOG_LEVEL (default warning: no access lines)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the gateway with py-spy under an extra load run")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with logs")
     return parser.parse_args(argv)
 
@@ -208,13 +212,17 @@ def measure(profile, server_pid, url, model, conns, upstream_url):
     if profile.warmup:
         load(profile, url, model, conns, profile.warmup)
     accepted = clients.accepted_connections(upstream_url)
-    before = cpu_ticks(server_pid)
+    before, box, ours = cpu_ticks(server_pid), busy_cpu_seconds(), tree_cpu_seconds(os.getpid())
     stats = load(profile, url, model, conns, profile.duration)
     cpu = cpu_seconds_between(before, cpu_ticks(server_pid))
+    # Everything this run started descends from this process (wrk is reaped
+    # by now), so the rest of the box's busy time belongs to strangers.
+    others = (busy_cpu_seconds() - box) - (tree_cpu_seconds(os.getpid()) - ours)
     # Minus one: the connection that asked for the count.
     opened = clients.accepted_connections(upstream_url) - accepted - 1
     cpu_ms = cpu * 1000 / stats.requests if stats.requests else 0.0
-    return report.Row(model, conns, stats, cpu_ms, rss_mib(server_pid), opened)
+    return report.Row(model, conns, stats, cpu_ms, rss_mib(server_pid), opened,
+                      others_cores=max(0.0, others / stats.seconds) if stats.seconds else 0.0)
 
 
 def plain_rows(profile, targets, upstream_url):
@@ -236,14 +244,21 @@ def plain_rows(profile, targets, upstream_url):
 
 
 def first_bytes(profile, stream_url, gateway_url):
-    """Return StreamResults of sequential streams, direct and through the gateway."""
+    """Return StreamResults of sequential streams, direct and through the gateway.
+
+    Also return how many upstream connections the gateway opened for its
+    streams (one per stream means none was reused).
+    """
     direct_port = int(stream_url.rsplit(":", 1)[1])
     gateway_port = int(gateway_url.rsplit(":", 1)[1])
     clients.first_byte_times(direct_port, "gpt-4o-mini", 3)
     clients.first_byte_times(gateway_port, STREAM_MODEL, 3)
     n = profile.first_byte_samples
-    return (clients.first_byte_times(direct_port, "gpt-4o-mini", n),
-            clients.first_byte_times(gateway_port, STREAM_MODEL, n))
+    direct = clients.first_byte_times(direct_port, "gpt-4o-mini", n)
+    accepted = clients.accepted_connections(stream_url)
+    gateway = clients.first_byte_times(gateway_port, STREAM_MODEL, n)
+    opened = clients.accepted_connections(stream_url) - accepted - 1
+    return direct, gateway, opened
 
 
 def hold_many_streams(profile, gateway):
@@ -252,6 +267,28 @@ def hold_many_streams(profile, gateway):
     port = int(url.rsplit(":", 1)[1])
     return clients.many_streams(port, STREAM_MODEL, profile.streams, profile.stream_chunks,
                                 profile.stream_interval, lambda: rss_mib(process.pid))
+
+
+def profile_gateway(profile, gateway):
+    """Profile the gateway under one extra, unmeasured load run; return a markdown summary."""
+    process, url = gateway
+    conns = 8 if 8 in profile.conns else profile.conns[-1]
+    out = os.path.join(BENCH, "results", "profile-raw.txt")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    print(f"  profiling the gateway at {conns} conns ...", flush=True)
+    recorder = hotpath.start_recording(process.pid, profile.duration, out)
+    try:
+        time.sleep(1)   # py-spy attaches to the workers first
+        load(profile, url, MODEL, conns, profile.duration)
+        _, stderr = recorder.communicate(timeout=60)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+    if recorder.returncode != 0:
+        raise RuntimeError(f"py-spy failed: {stderr.decode(errors='replace')[-500:]}")
+    return (f"py-spy record --gil at {conns} connections, model `{MODEL}` (an extra run, not "
+            f"one of the measured ones; raw stacks in bench/results/profile-raw.txt)\n\n"
+            + hotpath.summarise(out))
 
 
 def targets_of(rows, direct_fb, gateway_fb, many):
@@ -277,8 +314,9 @@ def targets_of(rows, direct_fb, gateway_fb, many):
         ("stream first-byte overhead (median)", f"{fb_overhead:+.2f} ms", "<= 2.5 ms",
          fb_overhead <= 2.5),
         ("master + 2 workers RSS after load", f"{rss:.1f} MiB", "< 150 MiB", rss < 150),
-        (f"{many.count} slow streams at once: failed", str(many.failed), "0",
-         many.failed == 0),
+        (f"{many.count} slow streams: failed / peak held open at once",
+         f"{many.failed} / {many.peak_open}", f"0 / {many.count}",
+         many.failed == 0 and many.peak_open == many.count),
         ("RSS while they are open", f"{many.rss_peak_mib:.1f} MiB", "< 300 MiB",
          many.rss_peak_mib < 300),
     ]
@@ -318,6 +356,8 @@ def settings_lines(profile, args):
         f"streams: `{STREAM_MODEL}` from bench/upstream.py (Python, own process)",
         "server CPU ms/req: utime+stime of the server's process tree (/proc) over the run, "
         "divided by the requests the client counted; RSS: summed VmRSS after the run",
+        "others' CPU: cores used during the run by processes this benchmark did not start; "
+        "above ~0.1 the run was disturbed and its figures are not comparable",
     ]
 
 
@@ -336,9 +376,10 @@ def run(profile, args, procs, workdir):
         (direct_label, plain_proc.pid, plain_url, MODEL),
         ("gateway, direct model", gateway[0].pid, gateway[1], MODEL),
         (f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS)], plain_url)
+    profiled = profile_gateway(profile, gateway) if args.profile else None
     timing = clients.server_timing(gateway[1], MODEL, profile.timing_samples)
     print("streams: first byte ...", flush=True)
-    direct_fb, gateway_fb = first_bytes(profile, stream_url, gateway[1])
+    direct_fb, gateway_fb, stream_conns = first_bytes(profile, stream_url, gateway[1])
     print(f"streams: {profile.streams} at once ...", flush=True)
     many = hold_many_streams(profile, gateway)
     time.sleep(0.5)
@@ -348,11 +389,15 @@ def run(profile, args, procs, workdir):
         ("Server-Timing reported by the gateway (median of "
          f"{profile.timing_samples} sequential requests)",
          ", ".join(f"{k} {v:.2f} ms" for k, v in timing.items()) or "(no header)"),
-        ("Streams: time to first byte", report.render_streams(direct_fb, gateway_fb)),
+        ("Streams: time to first byte", report.render_streams(direct_fb, gateway_fb)
+         + f"\n\nUpstream connections the gateway opened for its {len(gateway_fb)} "
+         f"sequential streams: {stream_conns}"),
         ("Many streams through the gateway",
          report.render_many(many, profile.stream_chunks, profile.stream_interval,
                             rss_after)),
     ]
+    if profiled:
+        sections.append(("Where the gateway's Python time goes", profiled))
     if profile.name == "full":
         sections.append(("Figures beside the targets of issue 6 (informative, never asserted)",
                          report.render_targets(targets_of(rows, direct_fb, gateway_fb,
@@ -375,7 +420,7 @@ def write_report(text, name):
 
 
 def _exit_on_term(signum, frame):
-    """Turn SIGTERM into SystemExit so that the cleanup in ``main`` runs."""
+    """Turn SIGTERM or SIGHUP into SystemExit so that the cleanup in ``main`` runs."""
     raise SystemExit(128 + signum)
 
 
@@ -384,6 +429,9 @@ def main(argv=None):
     args = parse_args(argv)
     profile = profile_for(args)
     signal.signal(signal.SIGTERM, _exit_on_term)
+    signal.signal(signal.SIGHUP, _exit_on_term)
+    # Ctrl-C stops the run even when started from a shell that ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     raise_open_files_limit()
     os.environ.pop("GUNICORN_THREADS", None)    # the gateway runs with the config's default
     workdir = tempfile.mkdtemp(prefix="mana-llm-bench-")
@@ -395,6 +443,9 @@ def main(argv=None):
     except RuntimeError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         procs.stop_all()
         if args.keep or failed:

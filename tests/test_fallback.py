@@ -5,10 +5,12 @@ import pytest
 from app import errors
 from app.routing.aliases import Entry
 from app.routing.breaker import HealthCache
+from app.redact import Redactor
 from app.routing.fallback import ChainWalker
 
 BACKOFF = 60.0
 PROVIDERS = ("ollama", "groq", "openrouter", "openai")
+SECRET = "upstream-secret-value-1234"
 
 
 class FakeClock:
@@ -96,7 +98,7 @@ def recorder():
 
 def make_walker(health, prober, recorder, unconfigured=()):
     providers = {name: FakeProvider(name, name not in unconfigured) for name in PROVIDERS}
-    return ChainWalker(providers, health, prober, recorder)
+    return ChainWalker(providers, health, prober, recorder, Redactor([SECRET]))
 
 
 @pytest.fixture
@@ -326,3 +328,18 @@ def test_every_started_call_is_finished_with_the_prober(walker, prober):
         walk(walker, chain("ollama", "groq"), call)
     assert prober.started == 2
     assert prober.open == {}
+
+
+def test_failure_message_is_redacted_before_the_health_cache_keeps_it(health, prober,
+                                                                      recorder):
+    walker = make_walker(health, prober, recorder)
+
+    def call(provider, entry):
+        if entry.provider == "ollama":
+            raise errors.UpstreamError(f"boom for key {SECRET}", reason="HTTP 500")
+        return "ok"
+
+    outcome = walker.walk([Entry("ollama", "m"), Entry("groq", "m")], call, asked="m")
+    assert outcome.result == "ok"
+    last_error = health.snapshot()["ollama"]["last_error"]
+    assert "boom" in last_error and SECRET not in last_error

@@ -80,7 +80,6 @@ def _relay(gateway, outcome, asked, include_usage):
         # Committed: never splice in another provider; tell the caller and
         # count it against this provider's health.
         gateway.walker.record_stream_failure(entry, error, asked)
-        error.message = gateway.redactor.redact(error.message)
         yield error_event(error)
     finally:
         stream.close()

@@ -39,11 +39,12 @@ class Outcome:
 class ChainWalker:
     """Walk chains with the health cache, the prober and the metrics recorder."""
 
-    def __init__(self, providers, health, prober, recorder):
+    def __init__(self, providers, health, prober, recorder, redactor):
         self._providers = providers
         self._health = health
         self._prober = prober
         self._recorder = recorder
+        self._redactor = redactor
 
     def walk(self, entries, call, *, asked, alias=None, streaming=False):
         """Return the Outcome of the first entry whose ``call(provider, entry)`` succeeds."""
@@ -75,6 +76,8 @@ class ChainWalker:
         try:
             result = call(provider, entry)
         except errors.GatewayError as error:
+            # Upstream text can echo our key: clean it before anything keeps it.
+            error.message = self._redactor.redact(error.message)
             self._recorder.llm_error(entry, asked, error.reason, streaming)
             self._note_failure(entry, error)
             if error.on_failure == "stop":
@@ -100,6 +103,7 @@ class ChainWalker:
 
     def record_stream_failure(self, entry, error, asked):
         """Count a failure after a stream was committed against its provider."""
+        error.message = self._redactor.redact(error.message)
         self._recorder.llm_error(entry, asked, error.reason, True)
         self._note_failure(entry, error)
 

@@ -8,13 +8,15 @@ never delays another or a request, for every provider that is due:
 - ``RETRY_SOON`` seconds after a failed probe while the provider is not
   yet tripped, so two failures (the default threshold) come within
   seconds rather than a whole interval apart;
-- at once when a call to the provider has been waiting longer than
-  ``STUCK_AFTER`` with no probe since it started: a box that accepts
-  connections and never answers is then found by probes while the
-  caller is still waiting, so the callers after it skip the provider
-  (within 10 s with the defaults). A probe is one cheap GET, and
-  ``STUCK_PROBE_GAP`` bounds how often a healthy provider that is merely
-  slow to generate gets one.
+- when a call to the provider has been waiting longer than
+  ``STUCK_AFTER`` (at most once per ``SUSPECT_GAP``, since long
+  generations are normal); and if that probe itself has not answered
+  within ``SECOND_OPINION_AFTER``, a second one alongside it. A box that
+  accepts connections and never answers thus collects its two failures
+  about 1 + 1 + PROBE_TIMEOUT seconds after calls start hanging, while
+  the first caller is still waiting, and the callers after it skip it.
+  A healthy provider answers a probe (one cheap GET) at once, so one
+  that is merely slow to generate gets one extra GET per SUSPECT_GAP.
 """
 
 import itertools
@@ -29,23 +31,24 @@ log = logging.getLogger(__name__)
 TICK = 0.25
 RETRY_SOON = 0.5
 STUCK_AFTER = 1.0
-# Long generations are normal: while calls are slow, probe at most this
-# often, so a busy healthy provider sees at most one extra GET per gap.
-STUCK_PROBE_GAP = 2.0
+SUSPECT_GAP = 5.0
+SECOND_OPINION_AFTER = 1.0
 
 
 class Prober:
     """Probe every configured provider in the background and feed the health cache."""
 
-    def __init__(self, providers, health, *, interval, timeout, clock=time.monotonic):
+    def __init__(self, providers, health, *, interval, timeout, redactor,
+                 clock=time.monotonic):
         self._providers = providers
         self._health = health
         self._interval = interval
         self._timeout = timeout
         self._clock = clock
+        self._redactor = redactor
         self._lock = threading.Lock()
         self._due = {name: 0.0 for name in providers}
-        self._probing = set()
+        self._probing = {name: 0 for name in providers}
         self._last_started = {name: float("-inf") for name in providers}
         self._in_flight = {name: {} for name in providers}
         self._tokens = itertools.count()
@@ -92,17 +95,24 @@ class Prober:
 
     def _is_due(self, name, now):
         with self._lock:
-            if name in self._probing:
-                return False
-            waiting = list(self._in_flight[name].values())
-            last = self._last_started[name]
-            stuck = now - last > STUCK_PROBE_GAP and any(
-                now - started > STUCK_AFTER and started > last for started in waiting)
-            if now < self._due[name] and not stuck:
-                return False
-            self._probing.add(name)
-            self._last_started[name] = now
-            return True
+            probing, since = self._probing[name], now - self._last_started[name]
+            if probing == 0 and now >= self._due[name]:
+                due = True
+            elif probing == 0:
+                due = since > SUSPECT_GAP and self._stuck(name, now)
+            else:
+                due = probing == 1 and since > SECOND_OPINION_AFTER and self._stuck(name, now)
+            if due:
+                self._probing[name] += 1
+                self._last_started[name] = now
+            return due
+
+    def _stuck(self, name, now):
+        """Tell whether a call to ``name`` has been waiting longer than STUCK_AFTER."""
+        # list() of a dict view runs in C under the GIL: safe against
+        # call_started/call_finished in request threads.
+        return any(now - started > STUCK_AFTER
+                   for started in list(self._in_flight[name].values()))
 
     def probe_one(self, name):
         """Probe one provider and record what it says."""
@@ -121,10 +131,10 @@ class Prober:
             self._schedule(name, self._interval)
         finally:
             with self._lock:
-                self._probing.discard(name)
+                self._probing[name] -= 1
 
     def _record_failure(self, name, exc):
-        message = getattr(exc, "message", None) or type(exc).__name__
+        message = self._redactor.redact(getattr(exc, "message", None) or type(exc).__name__)
         log.info("probe of %s failed: %s", name, message)
         self._health.record_failure(name, f"probe: {message}")
         tripped = self._health.in_backoff(name)
