@@ -361,15 +361,22 @@ def settings_lines(profile, args):
     ]
 
 
-def run(profile, args, procs, workdir):
-    """Run the whole benchmark; return (report text, whether every request succeeded)."""
+def start_servers(profile, args, procs, workdir):
+    """Start the upstreams and the gateway; return (plain, stream URL, gateway)."""
     stream_proc, stream_url = start_stream_upstream(procs)
-    plain_proc, plain_url = (stream_proc, stream_url) if profile.name == "check" \
+    plain = (stream_proc, stream_url) if profile.name == "check" \
         else start_nginx(procs, workdir)
-    env = gateway_env(free_port(), plain_url, stream_url, write_aliases(workdir),
+    env = gateway_env(free_port(), plain[1], stream_url, write_aliases(workdir),
                       args.log_level)
     gateway = start_gateway(procs, env)
     smoke_gateway(gateway[1])
+    return plain, stream_url, gateway
+
+
+def run(profile, args, procs, workdir):
+    """Run the whole benchmark; return (report text, whether every request succeeded)."""
+    (plain_proc, plain_url), stream_url, gateway = start_servers(profile, args, procs,
+                                                                 workdir)
     direct_label = "direct upstream" + (" (nginx)" if profile.name == "full" else "")
     print("plain requests:", flush=True)
     rows = plain_rows(profile, [
@@ -383,7 +390,6 @@ def run(profile, args, procs, workdir):
     print(f"streams: {profile.streams} at once ...", flush=True)
     many = hold_many_streams(profile, gateway)
     time.sleep(0.5)
-    rss_after = rss_mib(gateway[0].pid)
     sections = [
         ("Plain requests: direct upstream vs through the gateway", report.render_load(rows)),
         ("Server-Timing reported by the gateway (median of "
@@ -394,7 +400,7 @@ def run(profile, args, procs, workdir):
          f"sequential streams: {stream_conns}"),
         ("Many streams through the gateway",
          report.render_many(many, profile.stream_chunks, profile.stream_interval,
-                            rss_after)),
+                            rss_mib(gateway[0].pid))),
     ]
     if profiled:
         sections.append(("Where the gateway's Python time goes", profiled))

@@ -106,16 +106,20 @@ def test_500s_trip_then_half_open_lets_one_trial_per_worker(
     server = start(gateway_factory, upstreams, tmp_path, UNHEALTHY_BACKOFF=4,
                    PROBE_INTERVAL=3600)
     ollama.behave("status", status=500, path="/api/chat")
-    ids = [f"trip-{i}" for i in range(14)]
-    for request_id in ids:
-        response = ask(server, request_id=request_id)
+    ids, per_worker = [], {}
+    # Keep asking until both workers have seen at least 3 requests each.
+    while len(ids) < 80 and not (len(per_worker) == 2 and min(per_worker.values()) >= 3):
+        ids.append(f"trip-{len(ids)}")
+        response = ask(server, request_id=ids[-1])
         assert response.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
-    workers = worker_of(server, ids)
-    per_worker = {pid: list(workers.values()).count(pid) for pid in set(workers.values())}
+        workers = worker_of(server, ids)
+        per_worker = {pid: list(workers.values()).count(pid) for pid in set(workers.values())}
+    assert len(per_worker) == 2 and min(per_worker.values()) >= 3
     # Each worker's breaker trips after exactly 2 failures, then skips.
-    assert chat_hits(ollama) == sum(min(n, 2) for n in per_worker.values())
-    health = requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
-    assert health["status"] == "unhealthy" or sum(per_worker.values()) < 14
+    assert chat_hits(ollama) == 2 * len(per_worker)
+    for _ in range(6):
+        health = requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
+        assert health["status"] == "unhealthy" and health["consecutive_failures"] == 2
 
     until = max(requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
                 ["unhealthy_until_unix"] or 0 for _ in range(6))
