@@ -2,7 +2,7 @@
 
 The metric names, types and labels are an interface (SPEC §10): the
 dashboard (``dashboards/mana-llm.json``) and the README section
-(``dashboards/METRICS.md``) may only use what ``app/metrics.py`` defines,
+(the README's Metrics section) may only use what ``app/metrics.py`` defines,
 and ``app/metrics.py`` must still define what SPEC §10 promises.
 """
 
@@ -25,7 +25,7 @@ from app import config as app_config  # noqa: E402
 from app import metrics as app_metrics  # noqa: E402
 
 DASHBOARD_PATH = os.path.join(REPO, "dashboards", "mana-llm.json")
-METRICS_MD_PATH = os.path.join(REPO, "dashboards", "METRICS.md")
+README_PATH = os.path.join(REPO, "README.md")
 
 # SPEC §10, copied by hand: exposed name -> (type, labels). A rename in
 # app/metrics.py (or in the spec) must be made here too, deliberately.
@@ -378,12 +378,16 @@ def test_checker_accepts_and_follows_the_app():
     assert expr_problems(expr, renamed)
 
 
-# --------------------------------------------------------------- METRICS.md
+# ------------------------------------------------------- README: Metrics section
 
 @pytest.fixture(scope="module")
 def metrics_md():
-    with open(METRICS_MD_PATH, encoding="utf-8") as handle:
-        return handle.read()
+    """Return the README's "## Metrics" section, up to the next "## " heading."""
+    with open(README_PATH, encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.index("\n## Metrics\n") + 1
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
 
 
 def test_metrics_md_table_matches_spec(metrics_md):
