@@ -20,9 +20,11 @@ worker_class = "gthread"
 # worker keeps its own health cache that must learn about outages.
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Each streamed answer holds a thread for its whole length (a minute or
-# more for long-form), so threads, not CPU, bound concurrency: 2 x 256
-# holds 500 concurrent streams. An idle thread costs ~100 KiB of RSS.
-threads = int(os.environ.get("GUNICORN_THREADS", "256"))
+# more for long-form), so threads, not CPU, bound concurrency. The kernel
+# does not split connections evenly between workers (the benchmark saw
+# 285/215 for 500 streams), so 2 x 384 holds 500 concurrent streams with
+# margin. An idle thread costs ~100 KiB of RSS (500 open streams: 135 MiB).
+threads = int(os.environ.get("GUNICORN_THREADS", "384"))
 worker_connections = 1000
 # With gthread the heartbeat comes from the worker's main loop, not from
 # request threads, so a long stream does not trip this.

@@ -62,12 +62,24 @@ def configure_logging(level, redactor):
     logger.addHandler(handler)
 
 
+class StartClock:
+    """WSGI middleware: note when the request reached the app, before Flask's work."""
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ, start_response):
+        environ["mana_llm.started"] = time.perf_counter()
+        return self.wsgi_app(environ, start_response)
+
+
 def install_request_log(app, recorder):
     """Give every request an id, and log and count it when it is answered."""
+    app.wsgi_app = StartClock(app.wsgi_app)
 
     @app.before_request
     def _start():
-        g.started = time.perf_counter()
+        g.started = request.environ.get("mana_llm.started") or time.perf_counter()
         g.request_id = request_id_from(request.headers.get("X-Request-ID"))
 
     @app.after_request

@@ -22,6 +22,7 @@ from urllib3.exceptions import ReadTimeoutError
 from app import errors
 
 _READ_SIZE = 65536
+_DRAIN_TIMEOUT = 0.25
 # An upstream cannot take itself out of rotation for longer than this.
 MAX_RETRY_AFTER = 3600.0
 _RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
@@ -276,6 +277,8 @@ class UpstreamStream:
         self.provider = provider
         self.response = response
         self.idle_timeout = idle_timeout
+        #: Set by the provider once the upstream sent its last event.
+        self.finished = False
 
     def lines(self):
         """Yield the body's lines (bytes, without line endings) as they arrive."""
@@ -303,7 +306,25 @@ class UpstreamStream:
             yield pending.rstrip(b"\r")
 
     def close(self):
+        """Close the stream; a finished one first reads its last bytes so the
+        kept-alive connection goes back to the pool instead of being dropped."""
+        if self.finished:
+            self._drain()
         self.response.close()
+
+    def _drain(self):
+        # The upstream has sent [DONE] (or done: true); what remains is the
+        # chunked terminator. Reading it to EOF releases the connection.
+        raw = self.response.raw
+        sock = _socket_of(raw)
+        try:
+            if sock is not None:
+                sock.settimeout(_DRAIN_TIMEOUT)
+            for _ in range(16):
+                if not raw.read1(_READ_SIZE):
+                    return
+        except Exception:  # a failed drain only costs the connection
+            return
 
 
 def _socket_of(raw):

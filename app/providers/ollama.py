@@ -211,6 +211,7 @@ class OllamaProvider(Provider):
                 if line.strip():
                     yield from translator.translate(line)
                 if translator.done:
+                    stream.finished = True
                     return
             raise errors.UpstreamError(f"ollama/{model}: stream ended before done",
                                        reason="closed-early")

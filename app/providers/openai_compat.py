@@ -80,6 +80,7 @@ class OpenAICompatProvider(Provider):
             if not finished:
                 raise errors.UpstreamError(f"{label}: stream ended without a finish",
                                            reason="closed-early")
+            stream.finished = True
         finally:
             stream.close()
 
