@@ -5,6 +5,7 @@ executed again on every ``kill -HUP``, so it does no work at import
 time: everything with side effects lives in a hook.
 """
 
+import glob
 import logging
 import os
 import shutil
@@ -12,26 +13,39 @@ import subprocess
 import sys
 import tempfile
 
+
+def _env_int(name, default):
+    """Read a sizing variable; a bad value stops startup naming the variable."""
+    value = os.environ.get(name, str(default))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise SystemExit(f"mana-llm: {name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 wsgi_app = "app:create_app()"
 # HOST narrows the bind (tests use 127.0.0.1); PORT is the one operators set.
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '3025')}"
+# These sizing variables come from the real environment (gunicorn reads
+# them before the app exists); the app's own settings may also be in .env.
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_env_int('PORT', 3025)}"
 worker_class = "gthread"
 # Two processes per core-pair is enough: the work is I/O-bound, and every
 # worker keeps its own health cache that must learn about outages.
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = _env_int("WEB_CONCURRENCY", 2)
 # Each streamed answer holds a thread for its whole length (a minute or
 # more for long-form), so threads, not CPU, bound concurrency. The kernel
 # does not split connections evenly between workers (the benchmark saw
 # 285/215 for 500 streams), so 2 x 384 holds 500 concurrent streams with
 # margin. An idle thread costs ~100 KiB of RSS (500 open streams: 135 MiB).
-threads = int(os.environ.get("GUNICORN_THREADS", "384"))
+threads = _env_int("GUNICORN_THREADS", 384)
 worker_connections = 1000
 # With gthread the heartbeat comes from the worker's main loop, not from
 # request threads, so a long stream does not trip this.
 timeout = 60
-# On HUP or TERM, workers finish what they are serving (streams included)
-# before they exit, so a reload fails no request in flight.
-graceful_timeout = 120
+# On HUP or TERM, old workers finish what they are serving before they
+# exit (each exits as soon as its last request ends), so a reload fails no
+# request in flight. This caps it: a whole chain walk of three entries at
+# the default timeouts, or a long-form stream, fits in ten minutes.
+graceful_timeout = 600
 keepalive = 75
 # Never preload: on HUP the app must be imported afresh by new workers.
 preload_app = False
@@ -42,49 +56,62 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 accesslog = None  # the app writes its own access line, with request id and model
 
 _log = logging.getLogger("gunicorn.error")
+SNAPSHOT_VARIABLE = "MANA_LLM_SNAPSHOT"
 
 
-def _accept_aliases(server):
-    """Validate the alias file in a child process; return its JSON or raise."""
-    result = subprocess.run([sys.executable, "-m", "app", "check-aliases", "--json"],
+def _accepted_settings():
+    """Validate config, .env and alias file in a child process; return its JSON or raise."""
+    # Run from the master's working directory (where .env is read), with
+    # the repo importable wherever that is.
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, "-m", "app", "check-config", "--json"],
                             capture_output=True, text=True, timeout=30,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
+                            env=dict(os.environ, PYTHONPATH=path))
     if result.returncode != 0:
-        raise ValueError(result.stderr.strip() or "alias check failed")
+        raise ValueError(result.stderr.strip() or "configuration check failed")
     return result.stdout.strip()
 
 
-def on_starting(server):
-    """Prepare this instance's metrics directory and accept the first alias file."""
+def _metrics_directory():
+    """Return this instance's metrics directory, emptied of old workers' files."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory, exist_ok=True)
-    else:
+    if not directory:
         directory = tempfile.mkdtemp(prefix="mana-llm-metrics-")
         os.environ["MANA_LLM_OWN_METRICS_DIR"] = directory
+        return directory
+    os.makedirs(directory, exist_ok=True)
+    # Only our own files: the operator may have pointed this at a shared place.
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        os.unlink(path)
+    return directory
+
+
+def on_starting(server):
+    """Prepare this instance's metrics directory and accept the first configuration."""
     # Set before any worker imports prometheus_client: it picks its value
     # class (mmap files per process) at import time.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_directory()
     os.environ["GUNICORN_THREADS"] = str(server.cfg.threads)
     try:
-        snapshot = _accept_aliases(server)
+        snapshot = _accepted_settings()
     except (ValueError, OSError, subprocess.SubprocessError) as exc:
         _log.error("mana-llm cannot start: %s", exc)
         raise SystemExit(1)
-    # The last good alias table lives in the master's environment. The
-    # master outlives every worker and forks each one, so workers started
-    # at boot, after a HUP or after a crash all inherit it; a broken file
-    # is never read by a worker at all, so it can never stop one booting.
-    os.environ["MANA_LLM_ALIASES_SNAPSHOT"] = snapshot
+    # The last good configuration and alias table live in the master's
+    # environment. The master outlives every worker and forks each one, so
+    # workers started at boot, after a HUP or after a crash all inherit it;
+    # a broken file is never read by a worker, so it can never stop one
+    # booting (which would halt the arbiter and every worker with it).
+    os.environ[SNAPSHOT_VARIABLE] = snapshot
 
 
 def on_reload(server):
-    """Accept the alias file again on HUP, or keep the last good one."""
+    """Accept the alias file (and .env) again on HUP, or keep the last good ones."""
     # An exception escaping this hook would stop the whole server.
     try:
-        os.environ["MANA_LLM_ALIASES_SNAPSHOT"] = _accept_aliases(server)
-        _log.info("mana-llm: aliases reloaded")
+        os.environ[SNAPSHOT_VARIABLE] = _accepted_settings()
+        _log.info("mana-llm: configuration and aliases reloaded")
     except Exception as exc:
         _log.error("mana-llm: alias reload rejected, keeping the last good aliases: %s",
                    exc)
@@ -93,6 +120,13 @@ def on_reload(server):
 def post_worker_init(worker):
     """Start the worker's prober and set its health gauges (threads start after fork)."""
     worker.wsgi.extensions["mana_llm"].start()
+
+
+def worker_exit(server, worker):
+    """Stop the worker's prober and close its upstream connections."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None and hasattr(app, "extensions"):
+        app.extensions["mana_llm"].stop()
 
 
 def child_exit(server, worker):

@@ -9,6 +9,7 @@ a fork.
 """
 
 import json
+import os
 from dataclasses import dataclass
 
 from flask import Flask
@@ -58,19 +59,33 @@ class Gateway:
             provider.close()
 
 
-def load_alias_table(config):
-    """Return the alias table: the master's accepted snapshot if any, else the file."""
-    snapshot = config.get("MANA_LLM_ALIASES_SNAPSHOT")
+# Set by gunicorn's master: the configuration and alias table it last accepted.
+SNAPSHOT_VARIABLE = "MANA_LLM_SNAPSHOT"
+
+
+def load_settings(test_config=None):
+    """Return ``(config, alias table)``.
+
+    Under gunicorn the master's accepted snapshot is used, so a worker
+    never reads a ``.env`` or alias file that the master rejected (a
+    worker that failed to boot would bring the whole server down).
+    Otherwise: ``test_config``, or the environment and ``.env``.
+    """
+    if test_config is not None:
+        config = config_module.build_config(test_config)
+        return config, load_aliases(config["ALIASES_PATH"])
+    snapshot = os.environ.get(SNAPSHOT_VARIABLE)
     if snapshot:
-        return parse_aliases(json.loads(snapshot))
-    return load_aliases(config["ALIASES_PATH"])
+        accepted = json.loads(snapshot)
+        return config_module.build_config(accepted["env"]), parse_aliases(accepted["aliases"])
+    config = config_module.from_env(dotenv_path=".env")
+    return config, load_aliases(config["ALIASES_PATH"])
 
 
-def build_gateway(config):
-    """Build a worker's Gateway from a validated config."""
+def build_gateway(config, table):
+    """Build a worker's Gateway from a validated config and alias table."""
     providers = build_providers(config)
     configured = {name: p for name, p in providers.items() if p.configured}
-    table = load_alias_table(config)
     health = HealthCache(configured, threshold=config["FAILURE_THRESHOLD"],
                          backoff=config["UNHEALTHY_BACKOFF"])
     redactor = Redactor(config_module.secrets(config))
@@ -89,11 +104,8 @@ def build_gateway(config):
 
 def create_app(test_config=None):
     """Build the Flask app; ``test_config`` replaces the environment (tests)."""
-    if test_config is None:
-        cfg = config_module.from_env(dotenv_path=".env")
-    else:
-        cfg = config_module.build_config(test_config)
-    gateway = build_gateway(cfg)
+    cfg, table = load_settings(test_config)
+    gateway = build_gateway(cfg, table)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = cfg["MAX_BODY_BYTES"]
     app.json.sort_keys = False
@@ -114,4 +126,4 @@ def _register_blueprints(app):
         app.register_blueprint(module.bp)
 
 
-__all__ = ["create_app", "KNOWN_PROVIDERS", "__version__"]
+__all__ = ["create_app", "load_settings", "SNAPSHOT_VARIABLE", "KNOWN_PROVIDERS", "__version__"]

@@ -1,44 +1,68 @@
-"""Command line: ``python -m app check-aliases [PATH] [--json]``.
+"""Command line: ``python -m app check-aliases [PATH]`` and ``check-config``.
 
-Validates an alias file the way the gateway will (like ``nginx -t``) and
-exits non-zero with the reason, so an operator can check before
-``kill -HUP``. Without PATH it checks the configured ``ALIASES_PATH``,
-and the rest of the configuration too. gunicorn's master runs this
-(with ``--json``) to accept a file without importing the app itself.
+``check-aliases`` validates an alias file the way the gateway will (like
+``nginx -t``) and exits non-zero with the reason, so an operator can
+check before ``kill -HUP``. ``check-config`` validates the whole
+configuration (environment, ``.env`` and the alias file it names);
+gunicorn's master runs it with ``--json`` on start and on every HUP and
+hands what it printed to the workers, so a worker never reads a file or
+variable the master has not accepted.
 """
 
 import argparse
 import json
 import sys
 
-from app.config import ConfigError, from_env
+from app.config import ConfigError, build_config, read_env
 from app.routing.aliases import AliasConfigError, load_aliases
 
+DOTENV = ".env"
 
-def check_aliases(path, as_json):
-    """Return the exit status of checking ``path`` (or the configured file)."""
+
+def check_aliases(path):
+    """Return the exit status of checking one alias file."""
     try:
-        if path is None:
-            path = from_env(dotenv_path=".env")["ALIASES_PATH"]
         table = load_aliases(path)
+    except AliasConfigError as exc:
+        print(f"mana-llm: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok, {len(table.aliases)} aliases, default {table.default}")
+    return 0
+
+
+def check_config(as_json):
+    """Return the exit status of checking the configuration and its alias file."""
+    try:
+        raw = read_env(dotenv_path=DOTENV)
+        config = build_config(raw)
+        table = load_aliases(config["ALIASES_PATH"])
     except (AliasConfigError, ConfigError) as exc:
         print(f"mana-llm: {exc}", file=sys.stderr)
         return 1
     if as_json:
-        print(json.dumps(table.to_doc()))
+        print(json.dumps({"env": raw, "aliases": table.to_doc()}))
     else:
-        print(f"{path}: ok, {len(table.aliases)} aliases, default {table.default}")
+        print(f"configuration ok; {config['ALIASES_PATH']}: {len(table.aliases)} aliases")
     return 0
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m app")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check-aliases", help="validate an alias file")
-    check.add_argument("path", nargs="?", help="alias file (default: ALIASES_PATH)")
-    check.add_argument("--json", action="store_true", help="print the accepted table")
+    aliases = commands.add_parser("check-aliases", help="validate an alias file")
+    aliases.add_argument("path", nargs="?", help="alias file (default: ALIASES_PATH)")
+    config = commands.add_parser("check-config", help="validate the configuration")
+    config.add_argument("--json", action="store_true", help="print what was accepted")
     args = parser.parse_args(argv)
-    return check_aliases(args.path, args.json)
+    if args.command == "check-config":
+        return check_config(args.json)
+    if args.path is None:
+        try:
+            args.path = build_config(read_env(dotenv_path=DOTENV))["ALIASES_PATH"]
+        except ConfigError as exc:
+            print(f"mana-llm: {exc}", file=sys.stderr)
+            return 1
+    return check_aliases(args.path)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,6 @@ _STRINGS = {
     "GPU_API_KEY": "",
     "CORS_ORIGINS": "",
     "PROMETHEUS_MULTIPROC_DIR": "",
-    # Set by gunicorn's master: the last alias file it accepted (JSON).
-    "MANA_LLM_ALIASES_SNAPSHOT": "",
 }
 _BOOLS = {"GPU_REQUIRE_AUTH": True}
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -60,8 +58,8 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the variable."""
 
 
-def from_env(environ=None, dotenv_path=None):
-    """Return the validated config from the environment (and a .env file)."""
+def read_env(environ=None, dotenv_path=None):
+    """Return the raw values of our variables: the environment over a .env file."""
     environ = dict(os.environ if environ is None else environ)
     if dotenv_path and os.path.exists(dotenv_path):
         from dotenv import dotenv_values
@@ -69,7 +67,12 @@ def from_env(environ=None, dotenv_path=None):
         for key, value in dotenv_values(dotenv_path).items():
             environ.setdefault(key, value or "")
     known = set(_FLOATS) | set(_INTS) | set(_STRINGS) | set(_BOOLS)
-    return build_config({k: v for k, v in environ.items() if k in known})
+    return {k: v for k, v in environ.items() if k in known}
+
+
+def from_env(environ=None, dotenv_path=None):
+    """Return the validated config from the environment (and a .env file)."""
+    return build_config(read_env(environ, dotenv_path))
 
 
 def build_config(raw):

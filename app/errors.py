@@ -14,8 +14,16 @@ provider raises it (``on_failure``):
 """
 
 import json
+import math
 
 from werkzeug.exceptions import HTTPException
+
+
+def retry_after_header(seconds):
+    """Return ``{"Retry-After": whole seconds, rounded up}``, or {} when unknown."""
+    if seconds is None:
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 class GatewayError(Exception):
@@ -164,9 +172,7 @@ class RateLimited(GatewayError):
         self.retry_after = retry_after
 
     def headers(self):
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+        return retry_after_header(self.retry_after)
 
 
 class ChainExhausted(GatewayError):
@@ -189,10 +195,7 @@ class ChainExhausted(GatewayError):
     def headers(self):
         # The gateway already walked the whole chain: an SDK retrying
         # would multiply the load for nothing.
-        headers = {"x-should-retry": "false"}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
-        return headers
+        return {"x-should-retry": "false", **retry_after_header(self.retry_after)}
 
 
 class ChainRateLimited(ChainExhausted):

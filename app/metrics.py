@@ -21,7 +21,7 @@ REQUESTS = Counter("mana_llm_requests_total", "HTTP requests",
                    ["method", "endpoint", "status"])
 REQUEST_LATENCY = Histogram("mana_llm_request_latency_seconds", "HTTP latency",
                             ["method", "endpoint"], buckets=LATENCY_BUCKETS)
-LLM_REQUESTS = Counter("mana_llm_llm_requests_total", "LLM calls made upstream",
+LLM_REQUESTS = Counter("mana_llm_llm_requests_total", "LLM calls that answered",
                        ["provider", "model", "streaming"])
 TOKENS = Counter("mana_llm_tokens_total", "Tokens reported by upstreams",
                  ["provider", "model", "type"])
@@ -58,10 +58,6 @@ class LabelCap:
         self._seen = set()
         self._lock = threading.Lock()
 
-    def add_known(self, values):
-        with self._lock:
-            self._known.update(values)
-
     def __call__(self, value):
         if value in self._known or value in self._seen:
             return value
@@ -92,12 +88,14 @@ class Recorder:
         LLM_ERRORS.labels(entry.provider, self.cap(asked), reason).inc()
 
     def tokens(self, entry, usage):
-        if not usage:
+        if not isinstance(usage, dict):
             return
         model = self.cap(entry.model)
         for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-            count = usage.get(key) or 0
-            if count > 0:
+            count = usage.get(key)
+            # Upstreams report what they like; count only real numbers.
+            if isinstance(count, (int, float)) and not isinstance(count, bool) \
+                    and 0 < count < 1e9:
                 TOKENS.labels(entry.provider, model, kind).inc(count)
 
     def chain_done(self, attempts, entries, alias, served):

@@ -16,6 +16,8 @@ from flask import g, has_request_context, request
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:\-]")
 MAX_ID_LENGTH = 64
+# Callers can send any method token: label only the ones we serve.
+_METHODS = frozenset(("GET", "POST", "OPTIONS", "HEAD"))
 log = logging.getLogger("app.access")
 
 
@@ -87,7 +89,8 @@ def install_request_log(app, recorder):
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
         response.headers["X-Request-ID"] = g.get("request_id", "-")
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        recorder.http_request(request.method, endpoint, response.status_code, seconds)
+        method = request.method if request.method in _METHODS else "other"
+        recorder.http_request(method, endpoint, response.status_code, seconds)
         log.info("%s %s %s %.1fms model=%s", request.method, printable(request.path),
                  response.status_code, seconds * 1000, g.get("resolved", "-"))
         return response

@@ -148,8 +148,6 @@ def chat_request(body):
             isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise errors.InvalidRequest("'stop' must be a string or a list of strings",
                                     param="stop")
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
-        body["max_tokens"] = body["max_completion_tokens"]
     _tools(body)
     _response_format(body)
     if not isinstance(body.get("stream", False), bool):

@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -318,3 +319,53 @@ def test_concurrent_admits_after_backoff_let_exactly_one_trial_through(cache, cl
         thread.join(timeout=5)
     assert len(results) == 20
     assert results.count(True) == 1
+
+
+def test_probe_success_does_not_clear_failures_of_real_calls(cache):
+    cache.record_failure("groq", "read timeout on /chat/completions")
+    cache.record_probe_ok("groq")  # GET /models still answers
+    cache.record_failure("groq", "read timeout on /chat/completions")
+    assert cache.snapshot()["groq"]["status"] == "unhealthy"
+
+
+def test_probe_success_does_not_cut_a_backoff_short(cache, clock):
+    trip(cache)
+    clock.advance(BACKOFF / 2)
+    cache.record_probe_ok("groq")
+    assert admits(cache) == [False]
+
+
+def test_probe_success_after_backoff_closes_the_breaker(cache, clock):
+    seen = []
+    cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))
+    trip(cache)
+    clock.advance(BACKOFF + 1)
+    cache.record_probe_ok("groq")
+    assert admits(cache, times=3) == [True, True, True]
+    assert seen == [("groq", False), ("groq", True)]
+
+
+def test_listeners_end_on_the_current_state_when_transitions_race(cache):
+    seen = []
+    racing = threading.Event()
+
+    def slow_listener(provider, healthy):
+        # While the trip is being told, a success lands: the last word told
+        # must match the cache's state.
+        if not healthy and not racing.is_set():
+            racing.set()
+            threading.Thread(target=cache.record_success, args=("groq",)).start()
+        seen.append(healthy)
+
+    cache.subscribe(slow_listener)
+    trip(cache)
+    assert wait_for(lambda: len(seen) == 2)
+    assert seen == [False, True]
+    assert cache.snapshot()["groq"]["status"] == "healthy"
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()

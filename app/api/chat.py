@@ -8,6 +8,7 @@ from flask import Blueprint, Response, current_app, g, request
 from app import errors
 from app.providers import KNOWN_PROVIDERS
 from app.routing.aliases import resolve_chain
+from app.routing.fallback import SHAPE_ERRORS, misshapen
 from app.streaming import DONE, error_event, prime, sse_event
 from app.validation import chat_request, parse_json_body
 
@@ -76,9 +77,11 @@ def _relay(gateway, outcome, asked, include_usage):
                         continue
                     chunk.pop("usage", None)
                 yield sse_event(chunk)
-    except errors.GatewayError as error:
+    except (errors.GatewayError,) + SHAPE_ERRORS as error:
         # Committed: never splice in another provider; tell the caller and
         # count it against this provider's health.
+        if not isinstance(error, errors.GatewayError):
+            error = misshapen(entry, error)
         gateway.walker.record_stream_failure(entry, error, asked)
         yield error_event(error)
     finally:

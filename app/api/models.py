@@ -26,7 +26,8 @@ def _list_one(gateway, name):
     if gateway.health.in_backoff(name):
         return []
     try:
-        return [_model(f"{name}/{m}", name) for m in provider.list_models()]
+        models = provider.list_models(timeout=gateway.config["PROBE_TIMEOUT"])
+        return [_model(f"{name}/{m}", name) for m in models]
     except errors.GatewayError as exc:
         log.info("listing models of %s failed: %s", name, exc.message)
         return []

@@ -9,6 +9,7 @@ the router only ever sees our exception tree.
 
 import email.utils
 import json
+from http.cookiejar import DefaultCookiePolicy
 import math
 import re
 import socket
@@ -54,8 +55,8 @@ class Provider:
         """Return ``(vectors, prompt_tokens)`` for a list of strings."""
         raise NotImplementedError
 
-    def list_models(self):
-        """Return the model names the upstream serves."""
+    def list_models(self, timeout=None):
+        """Return the model names the upstream serves (``timeout`` bounds the call)."""
         raise NotImplementedError
 
     def probe(self, timeout):
@@ -147,7 +148,7 @@ class Transport:
     The session is shared by the worker's threads. ``requests`` does not
     promise a shared Session is thread-safe, but what is unsafe in it is
     the cookie jar and mutation of its settings: we never mutate it after
-    construction, upstream APIs set no cookies we read, and the urllib3
+    construction, its cookie policy accepts no cookie, and the urllib3
     pool underneath is thread-safe. One pool sized to the worker's
     threads keeps one kept-alive connection per concurrent call, where a
     Session per thread would open threads x providers connections.
@@ -162,7 +163,12 @@ class Transport:
         self.cooldown = cooldown
         self.session = requests.Session()
         self.session.trust_env = False
+        # The body is read raw (read1), so ask for it uncompressed.
+        self.session.headers["Accept-Encoding"] = "identity"
         self.session.headers.update(headers or {})
+        # Upstream APIs need no cookies; a shared jar would be written by
+        # threads at once (Cloudflare sets __cf_bm), so keep none.
+        self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -184,7 +190,7 @@ class Transport:
                 f"{self.provider}: no answer within {read_timeout:g}s",
                 reason="ReadTimeout") from None
         except (requests.exceptions.InvalidJSONError, requests.exceptions.InvalidURL,
-                requests.exceptions.InvalidHeader) as exc:
+                requests.exceptions.InvalidHeader, RecursionError) as exc:
             # Our own request could not be built: the caller's input or a bug,
             # never evidence about the provider's health.
             raise errors.InvalidRequest(f"{self.provider}: request could not be sent "

@@ -24,7 +24,8 @@ SAFETY_REASONS = ("SAFETY", "RECITATION", "PROHIBITED_CONTENT", "SPII", "BLOCKLI
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 # Penalties are left out on purpose: several Gemini models answer 400 to them,
 # and a 400 stops the chain walk for a field most callers send by default.
-_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "topP",
+_CONFIG_FIELDS = {"max_completion_tokens": "maxOutputTokens",
+                  "temperature": "temperature", "top_p": "topP",
                   "max_tokens": "maxOutputTokens", "seed": "seed"}
 # The keywords of Gemini's OpenAPI-subset Schema; anything else is a 400 upstream.
 _SCHEMA_KEYS = frozenset((
@@ -477,10 +478,11 @@ class GeminiProvider(Provider):
         # Gemini reports no token count for embeddings.
         return vectors, 0
 
-    def list_models(self):
+    def list_models(self, timeout=None):
         names, params = [], {"pageSize": 1000}
         for _ in range(_MAX_MODEL_PAGES):
-            answer = self.transport.request_json("GET", "/models", params=params)
+            answer = self.transport.request_json("GET", "/models", params=params,
+                                                 read_timeout=timeout)
             names.extend(model_names(answer))
             token = answer.get("nextPageToken")
             if not token:

@@ -15,7 +15,9 @@ from app.providers.base import Provider
 # Model families Ollama can run tool calls with (SPEC §4).
 TOOL_FAMILIES = ("llama3.1", "llama3.2", "llama3.3", "qwen2.5", "qwen3", "mistral",
                  "mixtral", "command-r", "firefunction")
-_OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict",
+# max_completion_tokens (OpenAI's newer name) first, so max_tokens wins when both are sent.
+_OPTION_FIELDS = {"max_completion_tokens": "num_predict",
+                  "temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict",
                   "stop": "stop", "seed": "seed", "frequency_penalty": "frequency_penalty",
                   "presence_penalty": "presence_penalty"}
 _FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
@@ -231,8 +233,8 @@ class OllamaProvider(Provider):
                                        reason="malformed-response")
         return vectors, answer.get("prompt_eval_count", 0)
 
-    def list_models(self):
-        answer = self.transport.request_json("GET", "/api/tags")
+    def list_models(self, timeout=None):
+        answer = self.transport.request_json("GET", "/api/tags", read_timeout=timeout)
         try:
             return [str(m["name"]) for m in answer["models"]]
         except (KeyError, TypeError):

@@ -101,8 +101,8 @@ class OpenAICompatProvider(Provider):
                                        reason="malformed-response")
         return vectors, tokens
 
-    def list_models(self):
-        answer = self.transport.request_json("GET", "/models")
+    def list_models(self, timeout=None):
+        answer = self.transport.request_json("GET", "/models", read_timeout=timeout)
         try:
             return [str(m["id"]) for m in answer["data"]]
         except (KeyError, TypeError):

@@ -43,17 +43,28 @@ class HealthCache:
         self._clock = clock
         self._wall = wall
         self._listeners = []
+        # Listeners run outside the state lock; this lock and the last state
+        # told keep racing transitions from reaching them out of order.
+        self._notify_lock = threading.Lock()
+        self._told = {}
 
     def subscribe(self, listener):
         """Call ``listener(provider, healthy)`` on every healthy<->unhealthy transition."""
         self._listeners.append(listener)
 
-    def _notify(self, provider, healthy):
-        for listener in list(self._listeners):
-            try:
-                listener(provider, healthy)
-            except Exception:
-                log.exception("health listener failed for %s", provider)
+    def _notify(self, provider):
+        """Tell listeners the provider's current state, if it differs from the last told."""
+        with self._notify_lock:
+            with self._lock:
+                healthy = self._state[provider].healthy
+            if self._told.get(provider, True) == healthy:
+                return
+            self._told[provider] = healthy
+            for listener in list(self._listeners):
+                try:
+                    listener(provider, healthy)
+                except Exception:
+                    log.exception("health listener failed for %s", provider)
 
     def _get(self, provider):
         state = self._state.get(provider)
@@ -87,7 +98,20 @@ class HealthCache:
             state.unhealthy_until = state.trial_until = 0.0
             state.last_check = self._wall()
         if not was_healthy:
-            self._notify(provider, True)
+            self._notify(provider)
+
+    def record_probe_ok(self, provider):
+        """A probe answered: end a tripped breaker whose backoff is over (as its trial).
+
+        It never clears failures that real calls recorded: an upstream can
+        answer ``GET /models`` and still hang or fail on every completion.
+        """
+        with self._lock:
+            state = self._get(provider)
+            state.last_check = self._wall()
+            if state.healthy or self._clock() < state.unhealthy_until:
+                return
+        self.record_success(provider)
 
     def record_failure(self, provider, error):
         """Count a failure; trip at the threshold; re-arm the backoff if tripped."""
@@ -103,10 +127,11 @@ class HealthCache:
                 state.healthy = False
                 # The later deadline wins: a new one never shortens the old.
                 state.unhealthy_until = max(state.unhealthy_until, now + self._backoff)
-        if was_healthy and not state.healthy:
+            tripped = was_healthy and not state.healthy
+        if tripped:
             log.warning("provider %s marked unhealthy for %.0fs: %s", provider,
-                        self._backoff, state.last_error)
-            self._notify(provider, False)
+                        self._backoff, str(error)[:300])
+            self._notify(provider)
 
     def record_rate_limit(self, provider, retry_after):
         """Skip the provider until its Retry-After has passed (not a failure)."""

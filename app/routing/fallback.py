@@ -6,10 +6,24 @@ the walk is a fact of the error's class (``on_failure`` in
 ``app.errors``), so the classification lives in one place.
 """
 
+import logging
 import time
 from dataclasses import dataclass
 
 from app import errors
+
+log = logging.getLogger(__name__)
+
+# What translating an answer of a shape we did not expect raises.
+SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+def misshapen(entry, exc):
+    """Return the retryable error for an upstream answer the translation choked on."""
+    # Logged with its traceback: it may also be a bug of ours.
+    log.warning("unexpected answer shape from %s", entry.label, exc_info=True)
+    return errors.UpstreamError(f"{entry.label}: malformed answer ({type(exc).__name__})",
+                                reason="malformed-response")
 
 
 @dataclass
@@ -76,21 +90,28 @@ class ChainWalker:
         try:
             result = call(provider, entry)
         except errors.GatewayError as error:
-            # Upstream text can echo our key: clean it before anything keeps it.
-            error.message = self._redactor.redact(error.message)
-            self._recorder.llm_error(entry, asked, error.reason, streaming)
-            self._note_failure(entry, error)
-            if error.on_failure == "stop":
-                raise
-            attempts.append(Attempt(entry.label, error.reason, index, made=True,
-                                    retry_after=getattr(error, "retry_after", None)))
-            return None
+            return self._failed(entry, error, attempts, index, asked, streaming)
+        except SHAPE_ERRORS as exc:
+            return self._failed(entry, misshapen(entry, exc), attempts, index, asked,
+                                streaming)
         finally:
             self._prober.call_finished(entry.provider, token)
         seconds = time.perf_counter() - started
         self._health.record_success(entry.provider)
         self._recorder.llm_success(entry, streaming, seconds)
         return Outcome(entry, result, attempts, seconds)
+
+    def _failed(self, entry, error, attempts, index, asked, streaming):
+        """Record a failed call; raise it if it stops the walk, else note the attempt."""
+        # Upstream text can echo our key: clean it before anything keeps it.
+        error.message = self._redactor.redact(error.message)
+        self._recorder.llm_error(entry, asked, error.reason, streaming)
+        self._note_failure(entry, error)
+        if error.on_failure == "stop":
+            raise error
+        attempts.append(Attempt(entry.label, error.reason, index, made=True,
+                                retry_after=getattr(error, "retry_after", None)))
+        return None
 
     def _note_failure(self, entry, error):
         """Tell the health cache what a failed call says about the provider."""

@@ -124,10 +124,7 @@ class Prober:
             log.exception("probe of %s crashed", name)
             self._record_failure(name, exc)
         else:
-            # A probe ends a breaker's backoff no sooner than a request
-            # would: it acts as the half-open trial once the backoff is over.
-            if not self._health.in_backoff(name):
-                self._health.record_success(name)
+            self._health.record_probe_ok(name)
             self._schedule(name, self._interval)
         finally:
             with self._lock:
