@@ -20,6 +20,7 @@ from app.cors import install_cors
 from app.errors import register_error_handlers
 from app.metrics import LabelCap, Recorder
 from app.providers import KNOWN_PROVIDERS, build_providers
+from app.providers.inflight import InFlight
 from app.redact import Redactor
 from app.request_log import configure_logging, install_request_log
 from app.routing.aliases import AliasRegistry, load_aliases, parse_aliases
@@ -89,8 +90,11 @@ def build_gateway(config, table):
     health = HealthCache(configured, threshold=config["FAILURE_THRESHOLD"],
                          backoff=config["UNHEALTHY_BACKOFF"])
     redactor = Redactor(config_module.secrets(config))
+    inflight = InFlight()
     prober = Prober(configured, health, interval=config["PROBE_INTERVAL"],
-                    timeout=config["PROBE_TIMEOUT"], redactor=redactor)
+                    timeout=config["PROBE_TIMEOUT"], redactor=redactor, inflight=inflight)
+    health.subscribe(lambda name, healthy: healthy or inflight.abort_provider(
+        name, "provider-tripped"))
     known = {""} | set(table.aliases)
     for alias in table.aliases.values():
         known.update(e.label for e in alias.chain)

@@ -100,6 +100,22 @@ def test_dark_ollama_is_skipped_within_ten_seconds(gateway_factory, upstreams, t
     assert figure <= 10.0
 
 
+def test_callers_waiting_on_a_dark_provider_move_on_when_it_trips(
+        gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)  # OLLAMA_TIMEOUT: 120 s
+    upstreams["ollama"].behave("hang")
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: ask(server, request_id=f"waiting-{i}"), range(6)))
+    elapsed = time.monotonic() - started
+    assert [a.status_code for a in answers] == [200] * 6
+    assert {a.headers["X-Mana-LLM-Resolved"] for a in answers} == \
+        {"groq/llama-3.3-70b-versatile"}
+    print(f"\n[figure] 6 callers stuck on a dark Ollama answered by the next entry "
+          f"after {elapsed:.1f}s (read timeout 120 s)")
+    assert elapsed < 15
+
+
 def test_500s_trip_then_half_open_lets_one_trial_per_worker(
         gateway_factory, upstreams, tmp_path):
     ollama = upstreams["ollama"]

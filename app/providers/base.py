@@ -21,6 +21,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
 from app import errors
+from app.providers.inflight import POOL_CLASSES, current_call
 
 _READ_SIZE = 65536
 _DRAIN_TIMEOUT = 0.25
@@ -169,7 +170,7 @@ class Transport:
         # Upstream APIs need no cookies; a shared jar would be written by
         # threads at once (Cloudflare sets __cf_bm), so keep none.
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        adapter = _WatchedAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -181,27 +182,45 @@ class Transport:
             return self.session.request(
                 method, self.base_url + path, json=body, params=params, stream=True,
                 allow_redirects=False, timeout=(self.connect_timeout, read_timeout))
-        except requests.ConnectTimeout:
-            raise errors.UpstreamUnavailable(
-                f"{self.provider}: connect timeout after {self.connect_timeout:g}s",
-                reason="ConnectTimeout") from None
-        except requests.ReadTimeout:
-            raise errors.UpstreamUnavailable(
-                f"{self.provider}: no answer within {read_timeout:g}s",
-                reason="ReadTimeout") from None
-        except (requests.exceptions.InvalidJSONError, requests.exceptions.InvalidURL,
-                requests.exceptions.InvalidHeader, RecursionError) as exc:
+        except (requests.RequestException, Urllib3Error, OSError, RecursionError) as exc:
+            raise self._send_error(exc, read_timeout) from None
+
+    def _send_error(self, exc, read_timeout):
+        """Return our error for an exception raised while sending and awaiting headers."""
+        if isinstance(exc, (requests.exceptions.InvalidJSONError, requests.exceptions.InvalidURL,
+                            requests.exceptions.InvalidHeader, RecursionError)):
             # Our own request could not be built: the caller's input or a bug,
             # never evidence about the provider's health.
-            raise errors.InvalidRequest(f"{self.provider}: request could not be sent "
-                                        f"({type(exc).__name__})") from None
-        except (requests.ConnectionError, Urllib3Error, OSError) as exc:
-            raise errors.UpstreamUnavailable(
+            return errors.InvalidRequest(f"{self.provider}: request could not be sent "
+                                         f"({type(exc).__name__})")
+        aborted = self._aborted()
+        if aborted is not None:
+            return aborted
+        if isinstance(exc, requests.ConnectTimeout):
+            return errors.UpstreamUnavailable(
+                f"{self.provider}: connect timeout after {self.connect_timeout:g}s",
+                reason="ConnectTimeout")
+        if isinstance(exc, requests.ReadTimeout):
+            return errors.UpstreamUnavailable(
+                f"{self.provider}: no answer within {read_timeout:g}s", reason="ReadTimeout")
+        if isinstance(exc, (requests.ConnectionError, Urllib3Error, OSError)):
+            return errors.UpstreamUnavailable(
                 f"{self.provider}: connection failed ({type(exc).__name__})",
-                reason="ConnectionError") from None
-        except requests.RequestException as exc:
-            raise errors.UpstreamError(f"{self.provider}: {type(exc).__name__}",
-                                       reason="RequestError") from None
+                reason="ConnectionError")
+        return errors.UpstreamError(f"{self.provider}: {type(exc).__name__}",
+                                    reason="RequestError")
+
+    def _aborted(self):
+        """Return the error for a call aborted from outside (see inflight.py), if it was."""
+        call = current_call()
+        if call is None or call.aborted is None:
+            return None
+        if call.aborted == "ReadTimeout":
+            return errors.UpstreamUnavailable(
+                f"{self.provider}: response not complete within the read timeout",
+                reason="ReadTimeout")
+        return errors.UpstreamUnavailable(f"{self.provider}: call abandoned ({call.aborted})",
+                                          reason=call.aborted)
 
     def _read_body(self, response, deadline):
         """Read the whole body, the read timeout bounding all of it."""
@@ -224,8 +243,8 @@ class Transport:
                 f"{self.provider}: response not complete within the read timeout",
                 reason="ReadTimeout") from None
         except (Urllib3Error, requests.RequestException, OSError):
-            raise errors.UpstreamError(f"{self.provider}: connection closed early",
-                                       reason="closed-early") from None
+            raise self._aborted() or errors.UpstreamError(
+                f"{self.provider}: connection closed early", reason="closed-early") from None
         finally:
             response.close()
 
@@ -234,6 +253,9 @@ class Transport:
         """Send a request and return the decoded JSON answer, or raise our error."""
         read_timeout = read_timeout or self.read_timeout
         deadline = time.monotonic() + read_timeout
+        call = current_call()
+        if call is not None:
+            call.deadline = deadline  # enforced from outside while headers trickle in
         response = self._send(method, path, body, read_timeout=read_timeout,
                               params=params)
         raw = self._read_body(response, deadline)
@@ -274,6 +296,14 @@ class Transport:
                                     provider=self.provider, model=model,
                                     cooldown=self.cooldown)
         return UpstreamStream(self.provider, response, idle_timeout)
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """An adapter whose connections tell the call in flight their socket."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = POOL_CLASSES
 
 
 class UpstreamStream:

@@ -86,16 +86,20 @@ class ChainWalker:
 
     def _try(self, provider, entry, call, attempts, index, asked, streaming):
         started = time.perf_counter()
-        token = self._prober.call_started(entry.provider)
+        in_flight = self._prober.call_started(entry.provider)
         try:
             result = call(provider, entry)
         except errors.GatewayError as error:
-            return self._failed(entry, error, attempts, index, asked, streaming)
+            failure = error
         except SHAPE_ERRORS as exc:
-            return self._failed(entry, misshapen(entry, exc), attempts, index, asked,
-                                streaming)
+            failure = misshapen(entry, exc)
+        else:
+            failure = None
         finally:
-            self._prober.call_finished(entry.provider, token)
+            # Before the failure is recorded: a trip aborts the calls still in flight.
+            self._prober.call_finished(in_flight)
+        if failure is not None:
+            return self._failed(entry, failure, attempts, index, asked, streaming)
         seconds = time.perf_counter() - started
         self._health.record_success(entry.provider)
         self._recorder.llm_success(entry, streaming, seconds)

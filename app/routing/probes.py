@@ -19,7 +19,6 @@ never delays another or a request, for every provider that is due:
   that is merely slow to generate gets one extra GET per SUSPECT_GAP.
 """
 
-import itertools
 import logging
 import threading
 import time
@@ -38,7 +37,7 @@ SECOND_OPINION_AFTER = 1.0
 class Prober:
     """Probe every configured provider in the background and feed the health cache."""
 
-    def __init__(self, providers, health, *, interval, timeout, redactor,
+    def __init__(self, providers, health, *, interval, timeout, redactor, inflight,
                  clock=time.monotonic):
         self._providers = providers
         self._health = health
@@ -50,8 +49,7 @@ class Prober:
         self._due = {name: 0.0 for name in providers}
         self._probing = {name: 0 for name in providers}
         self._last_started = {name: float("-inf") for name in providers}
-        self._in_flight = {name: {} for name in providers}
-        self._tokens = itertools.count()
+        self._inflight = inflight
         self._stop = threading.Event()
         self._thread = None
 
@@ -67,20 +65,15 @@ class Prober:
         self._stop.set()
 
     def call_started(self, provider):
-        """Note that a call to ``provider`` is waiting; return a token for call_finished."""
-        token = next(self._tokens)
-        calls = self._in_flight.get(provider)
-        if calls is not None:
-            calls[token] = self._clock()
-        return token
+        """Note that this thread is waiting on ``provider``; return the call."""
+        return self._inflight.begin(provider)
 
-    def call_finished(self, provider, token):
-        calls = self._in_flight.get(provider)
-        if calls is not None:
-            calls.pop(token, None)
+    def call_finished(self, call):
+        self._inflight.end(call)
 
     def _loop(self):
         while True:
+            self._inflight.enforce_deadlines()
             self.probe_due()
             if self._stop.wait(TICK):
                 return
@@ -109,10 +102,8 @@ class Prober:
 
     def _stuck(self, name, now):
         """Tell whether a call to ``name`` has been waiting longer than STUCK_AFTER."""
-        # list() of a dict view runs in C under the GIL: safe against
-        # call_started/call_finished in request threads.
         return any(now - started > STUCK_AFTER
-                   for started in list(self._in_flight[name].values()))
+                   for started in self._inflight.started_times(name))
 
     def probe_one(self, name):
         """Probe one provider and record what it says."""
