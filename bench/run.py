@@ -185,6 +185,31 @@ def start_gateway(procs, env):
     return process, url
 
 
+def start_passthrough(procs, plain_url):
+    """Start the bare passthrough baseline (bench/passthrough.py, 2 x 16); return (process, URL)."""
+    port = free_port()
+    script = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    argv = [script] if os.path.exists(script) else [sys.executable, "-m", "gunicorn"]
+    env = dict(os.environ, UPSTREAM_URL=plain_url + "/v1")
+    # -c /dev/null: run from the repo root, gunicorn would load our gunicorn.conf.py.
+    process = procs.start("passthrough", argv + [
+        "-c", os.devnull, "-w", "2", "--threads", "16", "-k", "gthread", "-b", f"127.0.0.1:{port}",
+        "--no-control-socket", "--log-level", "warning", "bench.passthrough:app"],
+        env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: len(process_tree(process.pid)) >= 3, 30, "the passthrough's workers")
+    wait_until(lambda: _answers(url), 30, "the passthrough")
+    return process, url
+
+
+def _answers(url):
+    try:
+        return requests.post(url + clients.CHAT_PATH, json=clients.chat_body(MODEL),
+                             timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def smoke_gateway(url):
     """Send one plain and one streamed request through the gateway; raise if either fails."""
     for model in (MODEL, ALIAS, STREAM_MODEL):
@@ -320,6 +345,25 @@ def targets_of(rows, direct_fb, gateway_fb, many):
         ("RSS while they are open", f"{many.rss_peak_mib:.1f} MiB", "< 300 MiB",
          many.rss_peak_mib < 300),
     ]
+    return figures + against_passthrough(rows, at)
+
+
+def against_passthrough(rows, at):
+    """Return the gateway's figures beside the bare passthrough measured in the same run."""
+    base = {r.conns: r for r in rows if r.path.startswith("bare Flask")}
+    figures = []
+    if 1 in base and 1 in at:
+        figures.append(("added p50 at 1 client vs the passthrough (same run)",
+                        f"{at[1].added_p50:.2f} vs {base[1].added_p50:.2f} ms",
+                        "no more than the passthrough",
+                        at[1].added_p50 <= base[1].added_p50))
+    if 64 in base and 64 in at:
+        figures += [("RPS at 64 clients vs the passthrough (same run)",
+                     f"{at[64].stats.rps:,.0f} vs {base[64].stats.rps:,.0f}",
+                     "at least the passthrough's", at[64].stats.rps >= base[64].stats.rps),
+                    ("CPU per request at 64 vs the passthrough (same run)",
+                     f"{at[64].cpu_ms:.2f} vs {base[64].cpu_ms:.2f} ms",
+                     "no more than the passthrough", at[64].cpu_ms <= base[64].cpu_ms)]
     return figures
 
 
@@ -378,11 +422,15 @@ def run(profile, args, procs, workdir):
     (plain_proc, plain_url), stream_url, gateway = start_servers(profile, args, procs,
                                                                  workdir)
     direct_label = "direct upstream" + (" (nginx)" if profile.name == "full" else "")
+    targets = [(direct_label, plain_proc.pid, plain_url, MODEL)]
+    if profile.name == "full":
+        passthrough = start_passthrough(procs, plain_url)
+        targets.append(("bare Flask passthrough (2x16)", passthrough[0].pid, passthrough[1],
+                        MODEL))
+    targets += [("gateway, direct model", gateway[0].pid, gateway[1], MODEL),
+                (f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS)]
     print("plain requests:", flush=True)
-    rows = plain_rows(profile, [
-        (direct_label, plain_proc.pid, plain_url, MODEL),
-        ("gateway, direct model", gateway[0].pid, gateway[1], MODEL),
-        (f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS)], plain_url)
+    rows = plain_rows(profile, targets, plain_url)
     profiled = profile_gateway(profile, gateway) if args.profile else None
     timing = clients.server_timing(gateway[1], MODEL, profile.timing_samples)
     print("streams: first byte ...", flush=True)
