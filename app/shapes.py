@@ -52,6 +52,39 @@ def tool_call(call_id, name, arguments_json):
             "function": {"name": name, "arguments": arguments_json}}
 
 
+class ChunkStream:
+    """What every stream translation keeps: one id, the role said once, tool call indexes."""
+
+    def __init__(self, label):
+        self.label = label
+        self.id = new_id()
+        self.created = int(time.time())
+        self.sent_role = False
+        self.has_text = False
+        self.tool_index = 0
+
+    def chunk(self, delta, finish=None):
+        return chunk(self.id, self.created, self.label, delta, finish)
+
+    def usage_chunk(self, usage_obj):
+        return usage_chunk(self.id, self.created, self.label, usage_obj)
+
+    def delta(self, text, calls):
+        """Return the delta for some text and tool calls; empty when there is neither."""
+        delta = {}
+        if text:
+            delta["content"] = text
+            self.has_text = True
+        if calls:
+            delta["tool_calls"] = [dict(call, index=self.tool_index + i)
+                                   for i, call in enumerate(calls)]
+            self.tool_index += len(calls)
+        if delta and not self.sent_role:
+            delta = {"role": "assistant", **delta}
+            self.sent_role = True
+        return delta
+
+
 def has_content(chunk_obj):
     """Tell whether a chunk carries text, a tool call or a finish reason.
 

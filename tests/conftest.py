@@ -20,6 +20,33 @@ KEYS = {"groq": "test-groq-key-0123456789", "openrouter": "sk-or-test-0123456789
         "google": "AIzaTestGoogleKey0123456789"}
 
 
+class FakeClock:
+    """A monotonic clock that only moves when a test steps it."""
+
+    def __init__(self, now=0.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+# A 1x1 PNG, and a function tool, for requests that carry images and tools.
+PIXEL = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8A"
+         "AAAASUVORK5CYII=")
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
 def wait_until(predicate, timeout=10.0, interval=0.05):
     """Poll ``predicate`` until it is truthy or ``timeout`` passes; return its last value."""
     deadline = time.monotonic() + timeout

@@ -13,24 +13,6 @@ THRESHOLD = 2
 BACKOFF = 60.0
 
 
-class FakeClock:
-    """A monotonic clock that only moves when a test steps it."""
-
-    def __init__(self, now=0.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
 @pytest.fixture
 def cache(clock):
     return make_cache(clock)

@@ -6,15 +6,11 @@ import openai
 import pytest
 import requests
 
+from tests.conftest import PIXEL, WEATHER_TOOL
+
 pytestmark = pytest.mark.e2e
 
 USER = [{"role": "user", "content": "Say hello"}]
-PIXEL = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8A"
-         "AAAASUVORK5CYII=")
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
 
 
 def last_json(fake, path):

@@ -13,17 +13,6 @@ PROVIDERS = ("ollama", "groq", "openrouter", "openai")
 SECRET = "upstream-secret-value-1234"
 
 
-class FakeClock:
-    def __init__(self, now=0.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
 class FakeProvider:
     def __init__(self, name, configured=True):
         self.name = name
@@ -74,11 +63,6 @@ class Script:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
 
 
 @pytest.fixture

@@ -6,18 +6,12 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import KEYS, provider_env
+from tests.conftest import KEYS, PIXEL, WEATHER_TOOL, provider_env
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "google/gemini-2.0-flash-exp"
 USER = [{"role": "user", "content": "Say hello"}]
-PIXEL = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8A"
-         "AAAASUVORK5CYII=")
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
 
 
 def sent(stack, verb="generateContent"):

@@ -369,6 +369,18 @@ def _socket_of(raw):
     return getattr(conn, "sock", None)
 
 
+def check_stream_event(event, label):
+    """Raise for a stream event that is not an object or that reports an upstream error."""
+    if not isinstance(event, dict):
+        raise errors.UpstreamError(f"{label}: malformed stream event",
+                                   reason="malformed-response")
+    if event.get("error"):
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise errors.UpstreamError(f"{label}: error in stream: {message}",
+                                   reason="stream-error")
+
+
 def sse_data(lines):
     """Yield the decoded JSON of each ``data:`` event; stop at ``[DONE]``."""
     for line in lines:

@@ -9,11 +9,10 @@ transport, timeouts and errors. The API key travels in the
 """
 
 import json
-import time
 from urllib.parse import quote
 
 from app import errors, shapes
-from app.providers.base import Provider, sse_data
+from app.providers.base import Provider, check_stream_event, sse_data
 
 # Finish and block reasons that mean Gemini refused on policy grounds (SPEC §4):
 # retrying elsewhere is the caller's decision, not the gateway's.
@@ -339,47 +338,17 @@ def translate_answer(answer, label):
     return shapes.completion(label, message, finish, usage(answer.get("usageMetadata")))
 
 
-class StreamTranslator:
+class StreamTranslator(shapes.ChunkStream):
     """Turn Gemini's SSE events into OpenAI chunks, keeping the stream's state."""
 
     def __init__(self, label):
-        self.label = label
-        self.id = shapes.new_id()
-        self.created = int(time.time())
-        self.sent_role = False
-        self.has_text = False
-        self.tool_index = 0
+        super().__init__(label)
         self.finish = None
         self.usage = None
 
-    def _chunk(self, delta, finish=None):
-        return shapes.chunk(self.id, self.created, self.label, delta, finish)
-
-    def _delta(self, text, calls):
-        """Return the delta for one event's text and calls (empty when none)."""
-        delta = {}
-        if text:
-            delta["content"] = text
-            self.has_text = True
-        if calls:
-            delta["tool_calls"] = [dict(call, index=self.tool_index + i)
-                                   for i, call in enumerate(calls)]
-            self.tool_index += len(calls)
-        if delta and not self.sent_role:
-            delta = {"role": "assistant", **delta}
-            self.sent_role = True
-        return delta
-
     def translate(self, event):
         """Return the chunks for one SSE event (possibly none)."""
-        if not isinstance(event, dict):
-            raise errors.UpstreamError(f"{self.label}: malformed stream event",
-                                       reason="malformed-response")
-        if "error" in event:
-            error = event["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise errors.UpstreamError(f"{self.label}: error in stream: {message}",
-                                       reason="stream-error")
+        check_stream_event(event, self.label)
         _raise_if_prompt_blocked(event, self.label)
         self.usage = event.get("usageMetadata") or self.usage
         candidates = event.get("candidates")
@@ -388,12 +357,12 @@ class StreamTranslator:
         candidate = candidates[0] if isinstance(candidates[0], dict) else {}
         reason = candidate.get("finishReason")
         _raise_if_blocked(reason, self.label)
-        delta = self._delta(*candidate_output(candidate))
-        out = [self._chunk(delta)] if delta else []
+        delta = self.delta(*candidate_output(candidate))
+        out = [self.chunk(delta)] if delta else []
         if reason:
             self.finish = finish_reason(reason, self.has_text, self.tool_index > 0,
                                         self.label)
-            out.append(self._chunk({}, self.finish))
+            out.append(self.chunk({}, self.finish))
         return out
 
     def end(self):
@@ -403,7 +372,7 @@ class StreamTranslator:
                                        reason="closed-early")
         if self.usage is None:
             return []
-        return [shapes.usage_chunk(self.id, self.created, self.label, usage(self.usage))]
+        return [self.usage_chunk(usage(self.usage))]
 
 
 # ---- embeddings and models -------------------------------------------------

@@ -7,10 +7,9 @@ sends them.
 
 import json
 import re
-import time
 
 from app import errors, shapes
-from app.providers.base import Provider
+from app.providers.base import Provider, check_stream_event
 
 # Model families Ollama can run tool calls with (SPEC §4).
 TOOL_FAMILIES = ("llama3.1", "llama3.2", "llama3.3", "qwen2.5", "qwen3", "mistral",
@@ -140,16 +139,10 @@ def translate_answer(answer, label, wants_json):
     return shapes.completion(label, out, _finish_reason(answer, tool_calls), _usage(answer))
 
 
-class StreamTranslator:
+class StreamTranslator(shapes.ChunkStream):
     """Turn Ollama's NDJSON stream lines into OpenAI chunks, keeping the stream's state."""
 
-    def __init__(self, label):
-        self.label = label
-        self.id = shapes.new_id()
-        self.created = int(time.time())
-        self.sent_role = False
-        self.tool_index = 0
-        self.done = False
+    done = False
 
     def translate(self, line):
         """Return the chunks for one NDJSON line (possibly none)."""
@@ -158,30 +151,15 @@ class StreamTranslator:
         except ValueError:
             raise errors.UpstreamError(f"{self.label}: malformed stream line",
                                        reason="malformed-response") from None
-        if not isinstance(event, dict):
-            raise errors.UpstreamError(f"{self.label}: malformed stream line",
-                                       reason="malformed-response")
-        if event.get("error"):
-            raise errors.UpstreamError(f"{self.label}: error in stream: {event['error']}",
-                                       reason="stream-error")
+        check_stream_event(event, self.label)
         message = event.get("message") or {}
-        delta = {} if self.sent_role else {"role": "assistant"}
-        if message.get("content"):
-            delta["content"] = message["content"]
-        calls = _tool_calls_from_ollama(message.get("tool_calls"))
-        if calls:
-            delta["tool_calls"] = [dict(call, index=self.tool_index + i)
-                                   for i, call in enumerate(calls)]
-            self.tool_index += len(calls)
-        out = []
-        if delta.get("content") or delta.get("tool_calls"):
-            self.sent_role = True
-            out.append(shapes.chunk(self.id, self.created, self.label, delta))
+        delta = self.delta(message.get("content"),
+                           _tool_calls_from_ollama(message.get("tool_calls")))
+        out = [self.chunk(delta)] if delta else []
         if event.get("done"):
             self.done = True
             reason = "tool_calls" if self.tool_index else _finish_reason(event, ())
-            out.append(shapes.chunk(self.id, self.created, self.label, {}, reason))
-            out.append(shapes.usage_chunk(self.id, self.created, self.label, _usage(event)))
+            out += [self.chunk({}, reason), self.usage_chunk(_usage(event))]
         return out
 
 

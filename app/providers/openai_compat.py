@@ -6,7 +6,7 @@ fields included) with the upstream's model name, and every answer's
 """
 
 from app import errors, shapes
-from app.providers.base import Provider, sse_data
+from app.providers.base import Provider, check_stream_event, sse_data
 
 
 def upstream_body(body, model, stream):
@@ -42,14 +42,7 @@ def translate_completion(answer, label):
 
 def translate_chunk(event, label):
     """Return one stream chunk with ``model`` rewritten; an in-stream error raises."""
-    if not isinstance(event, dict):
-        raise errors.UpstreamError(f"{label}: malformed stream event",
-                                   reason="malformed-response")
-    if "error" in event:
-        error = event["error"]
-        message = error.get("message") if isinstance(error, dict) else error
-        raise errors.UpstreamError(f"{label}: error in stream: {message}",
-                                   reason="stream-error")
+    check_stream_event(event, label)
     event["model"] = label
     event.setdefault("object", "chat.completion.chunk")
     return event
