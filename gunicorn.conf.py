@@ -65,9 +65,12 @@ def _accepted_settings():
     # the repo importable wherever that is.
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    # Not the previous snapshot: it can outgrow what one variable may hold
+    # for exec (128 KiB), and the child must read the files afresh anyway.
+    env = {k: v for k, v in os.environ.items() if k != SNAPSHOT_VARIABLE}
     result = subprocess.run([sys.executable, "-m", "app", "check-config", "--json"],
                             capture_output=True, text=True, timeout=30,
-                            env=dict(os.environ, PYTHONPATH=path))
+                            env=dict(env, PYTHONPATH=path))
     if result.returncode != 0:
         raise ValueError(result.stderr.strip() or "configuration check failed")
     return result.stdout.strip()
@@ -113,8 +116,8 @@ def on_reload(server):
         os.environ[SNAPSHOT_VARIABLE] = _accepted_settings()
         _log.info("mana-llm: configuration and aliases reloaded")
     except Exception as exc:
-        _log.error("mana-llm: alias reload rejected, keeping the last good aliases: %s",
-                   exc)
+        _log.error("mana-llm: reload rejected, keeping the last good configuration and "
+                   "aliases: %s", exc)
 
 
 def post_worker_init(worker):

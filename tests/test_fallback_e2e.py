@@ -327,3 +327,15 @@ def test_client_disconnect_closes_upstream(gateway_factory, upstreams, tmp_path)
         next(lines)
     response.close()
     assert fake.wait_for(lambda: fake.stream_write_failures >= 1, timeout=10)
+
+
+def test_streams_that_break_mid_way_trip_the_provider(app_factory, upstreams, tmp_path):
+    app = app_factory({"OLLAMA_URL": upstreams["ollama"].url, "FAILURE_THRESHOLD": 2})
+    upstreams["ollama"].behave("drop_after", chunks=1, path="/api/chat")
+    client = app.test_client()
+    for _ in range(2):
+        body = client.post(CHAT, json={"model": "qwen2.5:7b", "messages": USER,
+                                       "stream": True}).get_data(as_text=True)
+        assert '"error"' in body and body.rstrip().endswith("data: [DONE]")
+    health = app.extensions["mana_llm"].health.snapshot()["ollama"]
+    assert health["status"] == "unhealthy" and health["consecutive_failures"] == 2

@@ -117,3 +117,18 @@ def test_a_finished_call_cannot_abort_its_pooled_connection():
         adapter = provider.transport.session.get_adapter(fake.url)
         pool = next(iter(adapter.poolmanager.pools._container.values()))
         assert pool.num_connections == 1
+
+
+def test_no_socket_stays_owned_once_calls_are_done():
+    from app.providers import inflight as module
+
+    inflight = InFlight()
+    with FakeUpstream(name="ollama") as fake:
+        provider = build_providers(build_config({"OLLAMA_URL": fake.url}))["ollama"]
+        for _ in range(5):
+            call = inflight.begin("ollama")
+            provider.chat(dict(BODY), "qwen2.5:7b")
+            # The connection is back in the pool before the call ends: it is free.
+            assert call.sock is None
+            inflight.end(call)
+    assert not module._owners

@@ -77,6 +77,7 @@ def _relay(gateway, outcome, asked, include_usage):
                         continue
                     chunk.pop("usage", None)
                 yield sse_event(chunk)
+        gateway.walker.record_stream_success(entry)
     except (errors.GatewayError,) + SHAPE_ERRORS as error:
         # Committed: never splice in another provider; tell the caller and
         # count it against this provider's health.

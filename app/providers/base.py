@@ -211,16 +211,7 @@ class Transport:
                                     reason="RequestError")
 
     def _aborted(self):
-        """Return the error for a call aborted from outside (see inflight.py), if it was."""
-        call = current_call()
-        if call is None or call.aborted is None:
-            return None
-        if call.aborted == "ReadTimeout":
-            return errors.UpstreamUnavailable(
-                f"{self.provider}: response not complete within the read timeout",
-                reason="ReadTimeout")
-        return errors.UpstreamUnavailable(f"{self.provider}: call abandoned ({call.aborted})",
-                                          reason=call.aborted)
+        return aborted_error(self.provider)
 
     def _read_body(self, response, deadline):
         """Read the whole body, the read timeout bounding all of it."""
@@ -336,8 +327,8 @@ class UpstreamStream:
                 f"{self.provider}: stream idle for more than {self.idle_timeout:g}s",
                 reason="StreamIdleTimeout") from None
         except (Urllib3Error, requests.RequestException, OSError):
-            raise errors.UpstreamError(f"{self.provider}: stream closed early",
-                                       reason="closed-early") from None
+            raise aborted_error(self.provider) or errors.UpstreamError(
+                f"{self.provider}: stream closed early", reason="closed-early") from None
         if pending.strip():
             yield pending.rstrip(b"\r")
 
@@ -363,6 +354,18 @@ class UpstreamStream:
             return
 
 
+def aborted_error(provider):
+    """Return the error for this thread's call if it was aborted from outside (inflight.py)."""
+    call = current_call()
+    if call is None or call.aborted is None:
+        return None
+    if call.aborted == "ReadTimeout":
+        return errors.UpstreamUnavailable(
+            f"{provider}: response not complete within the read timeout", reason="ReadTimeout")
+    return errors.UpstreamUnavailable(f"{provider}: call abandoned ({call.aborted})",
+                                      reason=call.aborted)
+
+
 def _socket_of(raw):
     """Return the socket under a urllib3 response, if it can be reached."""
     conn = getattr(raw, "connection", None) or getattr(raw, "_connection", None)
@@ -374,7 +377,7 @@ def check_stream_event(event, label):
     if not isinstance(event, dict):
         raise errors.UpstreamError(f"{label}: malformed stream event",
                                    reason="malformed-response")
-    if event.get("error"):
+    if event.get("error") is not None:
         error = event["error"]
         message = error.get("message") if isinstance(error, dict) else error
         raise errors.UpstreamError(f"{label}: error in stream: {message}",

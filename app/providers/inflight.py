@@ -112,6 +112,8 @@ def _attach(sock):
     if call is None or sock is None:
         return
     with _owners_lock:
+        if call.sock is not None and _owners.get(call.sock) is call:
+            del _owners[call.sock]  # a call that sends again owns only its latest socket
         call.sock = sock
         _owners[sock] = call
     if call.aborted is not None:
@@ -130,11 +132,28 @@ class _WatchedHTTPSConnection(HTTPSConnection):
         return super().getresponse(*args, **kwargs)
 
 
-class _WatchedHTTPPool(HTTPConnectionPool):
+def _release(conn):
+    """A connection goes back to the pool: no call owns its socket any more."""
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return
+    with _owners_lock:
+        call = _owners.pop(sock, None)
+        if call is not None and call.sock is sock:
+            call.sock = None
+
+
+class _ReleasingPool:
+    def _put_conn(self, conn):
+        _release(conn)
+        super()._put_conn(conn)
+
+
+class _WatchedHTTPPool(_ReleasingPool, HTTPConnectionPool):
     ConnectionCls = _WatchedHTTPConnection
 
 
-class _WatchedHTTPSPool(HTTPSConnectionPool):
+class _WatchedHTTPSPool(_ReleasingPool, HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 

@@ -101,7 +101,13 @@ class ChainWalker:
         if failure is not None:
             return self._failed(entry, failure, attempts, index, asked, streaming)
         seconds = time.perf_counter() - started
-        self._health.record_success(entry.provider)
+        if streaming:
+            # A first chunk is not yet a good answer: the stream counts as a
+            # success when it ends cleanly (record_stream_success), so a
+            # provider that breaks every stream mid-way still trips.
+            self._health.release(entry.provider)
+        else:
+            self._health.record_success(entry.provider)
         self._recorder.llm_success(entry, streaming, seconds)
         return Outcome(entry, result, attempts, seconds)
 
@@ -125,6 +131,10 @@ class ChainWalker:
             self._health.record_rate_limit(entry.provider, error.retry_after)
         else:
             self._health.release(entry.provider)
+
+    def record_stream_success(self, entry):
+        """Mark the provider healthy: its committed stream ended cleanly."""
+        self._health.record_success(entry.provider)
 
     def record_stream_failure(self, entry, error, asked):
         """Count a failure after a stream was committed against its provider."""

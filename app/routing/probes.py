@@ -91,6 +91,8 @@ class Prober:
             probing, since = self._probing[name], now - self._last_started[name]
             if probing == 0 and now >= self._due[name]:
                 due = True
+            elif self._health.in_backoff(name):
+                due = False  # already skipped: the scheduled probes are enough
             elif probing == 0:
                 due = since > SUSPECT_GAP and self._stuck(name, now)
             else:
@@ -126,6 +128,10 @@ class Prober:
         log.info("probe of %s failed: %s", name, message)
         self._health.record_failure(name, f"probe: {message}")
         tripped = self._health.in_backoff(name)
+        if tripped:
+            # Calls still waiting on a tripped provider (a half-open trial,
+            # say) would otherwise wait out their whole read timeout.
+            self._inflight.abort_provider(name, "provider-tripped")
         self._schedule(name, self._interval if tripped else RETRY_SOON)
 
     def _schedule(self, name, delay):
