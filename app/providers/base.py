@@ -146,13 +146,16 @@ def error_from_status(status, raw, headers, *, provider, model, cooldown):
 class Transport:
     """One provider's pooled ``requests.Session``, its timeouts and its errors.
 
-    The session is shared by the worker's threads. ``requests`` does not
-    promise a shared Session is thread-safe, but what is unsafe in it is
-    the cookie jar and mutation of its settings: we never mutate it after
-    construction, its cookie policy accepts no cookie, and the urllib3
-    pool underneath is thread-safe. One pool sized to the worker's
-    threads keeps one kept-alive connection per concurrent call, where a
-    Session per thread would open threads x providers connections.
+    One Session per provider is shared by the worker's threads. ``requests``
+    does not promise a shared Session is thread-safe; what is unsafe in it
+    is the cookie jar and mutating its settings. Calls go straight to the
+    session's adapter (see ``_send``), so the jar is never touched (and its
+    policy accepts no cookie anyway), nothing is mutated after
+    construction, and the urllib3 pool under the adapter is thread-safe.
+    One pool sized to the worker's threads keeps one kept-alive connection
+    per concurrent call; a Session per thread would open threads x
+    providers connections and lose reuse whenever gthread hands a request
+    to another thread.
     """
 
     def __init__(self, provider, base_url, *, headers=None, connect_timeout,
