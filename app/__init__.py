@@ -93,8 +93,13 @@ def build_gateway(config, table):
     inflight = InFlight()
     prober = Prober(configured, health, interval=config["PROBE_INTERVAL"],
                     timeout=config["PROBE_TIMEOUT"], redactor=redactor, inflight=inflight)
-    health.subscribe(lambda name, healthy: healthy or inflight.abort_provider(
-        name, "provider-tripped"))
+
+    def abandon_calls_on_trip(name, healthy):
+        # Callers still waiting on a provider that just tripped move on now.
+        if not healthy:
+            inflight.abort_provider(name, "provider-tripped")
+
+    health.subscribe(abandon_calls_on_trip)
     known = {""} | set(table.aliases)
     for alias in table.aliases.values():
         known.update(e.label for e in alias.chain)
