@@ -293,7 +293,10 @@ def test_stream_dropped_after_3_chunks_ends_with_error_event(
         gateway_factory, upstreams, tmp_path):
     server = start(gateway_factory, upstreams, tmp_path)
     upstreams["ollama"].behave("drop_after", chunks=3, path="/api/chat")
-    response = stream(server)
+    response = requests.post(server.url + CHAT, json={"model": "mana/long-form",
+                                                      "messages": USER, "stream": True},
+                             headers={"X-Request-ID": "dropped-stream"}, stream=True,
+                             timeout=30)
     assert response.headers["X-Mana-LLM-Resolved"] == "ollama/gemma3:12b"
     events = read_sse(response)
     assert events[-1] == "[DONE]"
@@ -303,6 +306,9 @@ def test_stream_dropped_after_3_chunks_ends_with_error_event(
     assert {e["model"] for e in events if isinstance(e, dict) and "model" in e} == \
         {"ollama/gemma3:12b"}
     assert chat_hits(upstreams["groq"]) == 0
+    # The failure is logged under the stream's own request id.
+    assert wait_until(lambda: re.search(r"\[dropped-stream\] app\.api\.chat: stream from "
+                                        r"ollama/gemma3:12b failed", server.log()), timeout=5)
 
 
 def test_silent_stream_ends_after_idle_timeout(gateway_factory, upstreams, tmp_path):

@@ -1,9 +1,10 @@
 """``POST /v1/chat/completions``: plain and streamed (SSE)."""
 
 import json
+import logging
 import time
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from app import errors
 from app.providers import KNOWN_PROVIDERS
@@ -13,6 +14,7 @@ from app.streaming import DONE, error_event, prime, sse_event
 from app.validation import chat_request, parse_json_body
 
 bp = Blueprint("chat", __name__)
+log = logging.getLogger(__name__)
 
 
 def server_timing(started, upstream_seconds):
@@ -53,7 +55,8 @@ def _stream(gateway, body, asked, alias, entries):
     outcome = gateway.walker.walk(entries, call, asked=asked, alias=alias, streaming=True)
     g.resolved = outcome.entry.label
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    events = _relay(gateway, outcome, asked, include_usage)
+    # The request context stays with the stream, so its log lines keep the request id.
+    events = stream_with_context(_relay(gateway, outcome, asked, include_usage))
     return Response(events, mimetype="text/event-stream", headers={
         "X-Mana-LLM-Resolved": outcome.entry.label,
         "Cache-Control": "no-cache",
@@ -84,6 +87,7 @@ def _relay(gateway, outcome, asked, include_usage):
         if not isinstance(error, errors.GatewayError):
             error = misshapen(entry, error)
         gateway.walker.record_stream_failure(entry, error, asked)
+        log.warning("stream from %s failed after it started: %s", entry.label, error.message)
         yield error_event(error)
     finally:
         stream.close()
