@@ -56,6 +56,7 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 accesslog = None  # the app writes its own access line, with request id and model
 
 _log = logging.getLogger("gunicorn.error")
+# The same name as app.SNAPSHOT_VARIABLE: the master never imports the app.
 SNAPSHOT_VARIABLE = "MANA_LLM_SNAPSHOT"
 
 

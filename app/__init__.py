@@ -106,7 +106,7 @@ def build_gateway(config, table):
         known.update(e.model for e in alias.chain)
     recorder = Recorder(LabelCap(config["METRICS_LABEL_CAP"], known))
     health.subscribe(recorder.provider_health)
-    walker = ChainWalker(providers, health, prober, recorder, redactor)
+    walker = ChainWalker(providers, health, inflight, recorder, redactor)
     return Gateway(config, providers, AliasRegistry(table), health, prober, walker,
                    recorder, redactor)
 

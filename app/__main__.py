@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from app.config import ConfigError, build_config, read_env
+from app.config import ConfigError, build_config, from_env, read_env
 from app.routing.aliases import AliasConfigError, load_aliases
 
 DOTENV = ".env"
@@ -58,7 +58,7 @@ def main(argv=None):
         return check_config(args.json)
     if args.path is None:
         try:
-            args.path = build_config(read_env(dotenv_path=DOTENV))["ALIASES_PATH"]
+            args.path = from_env(dotenv_path=DOTENV)["ALIASES_PATH"]
         except ConfigError as exc:
             print(f"mana-llm: {exc}", file=sys.stderr)
             return 1

@@ -5,6 +5,7 @@ bad input is always a 400 in the error envelope, never a 500.
 """
 
 import json
+import math
 
 from app import errors
 
@@ -21,7 +22,7 @@ def _reject_constant(name):
 
 def _finite_float(text):
     value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"number {text[:20]} is out of range")
     return value
 

@@ -326,19 +326,24 @@ def ollama_version(call):
     return json_reply({"version": "0.0.0-fake"})
 
 
-def ollama_ask(body):
+def messages_ask(body, **fields):
+    """Return a ChatAsk from an OpenAI- or Ollama-shaped body (same messages and tools)."""
     messages = [m for m in as_list(body.get("messages")) if isinstance(m, dict)]
     last = messages[-1] if messages else {}
     tools = [as_dict(t.get("function")).get("name") for t in as_list(body.get("tools"))
              if isinstance(t, dict)]
     return ChatAsk(
         model=str(body.get("model") or ""),
-        stream=body.get("stream", True) is not False,
         prompt_tokens=max(1, count_words(*(message_text(m.get("content")) for m in messages))),
-        wants_json=bool(body.get("format")),
-        limit=as_dict(body.get("options")).get("num_predict"),
         tools=[name for name in tools if name],
-        tool_result=message_text(last.get("content")) if last.get("role") == "tool" else None)
+        tool_result=message_text(last.get("content")) if last.get("role") == "tool" else None,
+        **fields)
+
+
+def ollama_ask(body):
+    return messages_ask(body, stream=body.get("stream", True) is not False,
+                        wants_json=bool(body.get("format")),
+                        limit=as_dict(body.get("options")).get("num_predict"))
 
 
 def ollama_chat(call):
@@ -405,19 +410,10 @@ def openai_model_one(call):
 
 
 def openai_ask(body):
-    messages = [m for m in as_list(body.get("messages")) if isinstance(m, dict)]
-    last = messages[-1] if messages else {}
-    tools = [as_dict(t.get("function")).get("name") for t in as_list(body.get("tools"))
-             if isinstance(t, dict)]
     response_type = as_dict(body.get("response_format")).get("type")
-    return ChatAsk(
-        model=str(body.get("model") or ""),
-        stream=body.get("stream") is True,
-        prompt_tokens=max(1, count_words(*(message_text(m.get("content")) for m in messages))),
-        wants_json=response_type in ("json_object", "json_schema"),
-        limit=body.get("max_tokens", body.get("max_completion_tokens")),
-        tools=[name for name in tools if name],
-        tool_result=message_text(last.get("content")) if last.get("role") == "tool" else None)
+    return messages_ask(body, stream=body.get("stream") is True,
+                        wants_json=response_type in ("json_object", "json_schema"),
+                        limit=body.get("max_tokens", body.get("max_completion_tokens")))
 
 
 def openai_chat(call):

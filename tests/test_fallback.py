@@ -19,19 +19,19 @@ class FakeProvider:
         self.configured = configured
 
 
-class StubProber:
-    """Pair every call_started with its call_finished."""
+class StubInFlight:
+    """Pair every begin with its end."""
 
     def __init__(self):
         self.open = {}
         self.started = 0
 
-    def call_started(self, provider):
+    def begin(self, provider):
         self.started += 1
         self.open[self.started] = provider
         return self.started
 
-    def call_finished(self, token):
+    def end(self, token):
         assert token in self.open
         del self.open[token]
 
@@ -72,8 +72,8 @@ def health(clock):
 
 
 @pytest.fixture
-def prober():
-    return StubProber()
+def inflight():
+    return StubInFlight()
 
 
 @pytest.fixture
@@ -81,14 +81,14 @@ def recorder():
     return RecordingRecorder()
 
 
-def make_walker(health, prober, recorder, unconfigured=()):
+def make_walker(health, inflight, recorder, unconfigured=()):
     providers = {name: FakeProvider(name, name not in unconfigured) for name in PROVIDERS}
-    return ChainWalker(providers, health, prober, recorder, Redactor([SECRET]))
+    return ChainWalker(providers, health, inflight, recorder, Redactor([SECRET]))
 
 
 @pytest.fixture
-def walker(health, prober, recorder):
-    return make_walker(health, prober, recorder)
+def walker(health, inflight, recorder):
+    return make_walker(health, inflight, recorder)
 
 
 def chain(*providers):
@@ -117,8 +117,8 @@ def test_first_healthy_entry_answers(walker, recorder):
     assert recorder.successes == [Entry("ollama", "model-ollama")]
 
 
-def test_unconfigured_provider_is_skipped(health, prober, recorder):
-    walker = make_walker(health, prober, recorder, unconfigured=("ollama",))
+def test_unconfigured_provider_is_skipped(health, inflight, recorder):
+    walker = make_walker(health, inflight, recorder, unconfigured=("ollama",))
     call = Script(groq="answer")
     outcome = walk(walker, chain("ollama", "groq"), call)
     assert outcome.result == "answer"
@@ -231,8 +231,8 @@ def test_rate_limited_entry_cools_down_and_next_answers(walker, health, clock, r
     assert health.admit("ollama") is True
 
 
-def test_all_attempts_rate_limited_is_chain_rate_limited(health, prober, recorder):
-    walker = make_walker(health, prober, recorder, unconfigured=("openai",))
+def test_all_attempts_rate_limited_is_chain_rate_limited(health, inflight, recorder):
+    walker = make_walker(health, inflight, recorder, unconfigured=("openai",))
     call = Script(ollama=errors.RateLimited("slow", retry_after=2),
                   groq=errors.RateLimited("slow", retry_after=5))
     with pytest.raises(errors.ChainRateLimited) as caught:
@@ -243,13 +243,13 @@ def test_all_attempts_rate_limited_is_chain_rate_limited(health, prober, recorde
 
 
 @pytest.fixture
-def everything_down(health, prober, recorder, clock):
+def everything_down(health, inflight, recorder, clock):
     """openai unconfigured, groq tripped at t=0, openrouter at t=20; now t=30."""
     trip(health, "groq")
     clock.advance(20)
     trip(health, "openrouter")
     clock.advance(10)
-    walker = make_walker(health, prober, recorder, unconfigured=("openai",))
+    walker = make_walker(health, inflight, recorder, unconfigured=("openai",))
     call = Script(ollama=errors.UpstreamUnavailable("refused", reason="ConnectionError"))
     with pytest.raises(errors.ChainExhausted) as caught:
         walk(walker, chain("openai", "groq", "ollama", "openrouter"), call)
@@ -306,18 +306,18 @@ def test_failed_calls_are_recorded_with_what_was_asked(walker, recorder):
     assert recorder.errors == [(Entry("ollama", "model-ollama"), "mana/fast-text", "HTTP 500")]
 
 
-def test_every_started_call_is_finished_with_the_prober(walker, prober):
+def test_every_started_call_is_ended_in_the_registry(walker, inflight):
     call = Script(ollama=errors.UpstreamError("HTTP 500", reason="HTTP 500"),
                   groq=errors.Blocked("no"))
     with pytest.raises(errors.Blocked):
         walk(walker, chain("ollama", "groq"), call)
-    assert prober.started == 2
-    assert prober.open == {}
+    assert inflight.started == 2
+    assert inflight.open == {}
 
 
-def test_failure_message_is_redacted_before_the_health_cache_keeps_it(health, prober,
+def test_failure_message_is_redacted_before_the_health_cache_keeps_it(health, inflight,
                                                                       recorder):
-    walker = make_walker(health, prober, recorder)
+    walker = make_walker(health, inflight, recorder)
 
     def call(provider, entry):
         if entry.provider == "ollama":

@@ -9,7 +9,6 @@ the router only ever sees our exception tree.
 
 import email.utils
 import json
-from http.cookiejar import DefaultCookiePolicy
 import math
 import re
 import socket
@@ -90,13 +89,13 @@ def parse_retry_after(value, default, now=None):
     return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER)
 
 
-def _as_bytes(raw):
-    return raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "replace")
+def _as_text(raw):
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
 def upstream_message(raw):
     """Return the human message of an upstream error body (any provider's shape)."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    text = _as_text(raw)
     try:
         doc = json.loads(text)
     except ValueError:
@@ -110,10 +109,9 @@ def upstream_message(raw):
     return text.strip()[:500]
 
 
-def _retry_delay_in_body(raw, default):
+def _retry_delay_in_body(text, default):
     """Return Gemini's ``retryDelay`` ("39s") from an error body, else ``default``."""
-    match = _RETRY_DELAY.search(raw.decode("utf-8", "replace") if isinstance(raw, bytes)
-                                else str(raw))
+    match = _RETRY_DELAY.search(text)
     return float(match.group(1)) if match else default
 
 
@@ -123,16 +121,17 @@ def error_from_status(status, raw, headers, *, provider, model, cooldown):
     This is the one place an upstream HTTP status is classified; the
     error's class then says whether the walk trips, moves on or stops.
     """
-    message = upstream_message(raw)
+    text = _as_text(raw)
+    message = upstream_message(text)
     where = f"{provider}/{model}"
     if status == 429:
         wait = parse_retry_after(headers.get("Retry-After"), None)
         if wait is None:
-            wait = _retry_delay_in_body(raw, cooldown)
+            wait = _retry_delay_in_body(text, cooldown)
         return errors.RateLimited(f"{where} is rate-limited: {message}",
                                   retry_after=wait)
     # Gemini answers a bad key with 400 INVALID_ARGUMENT, reason API_KEY_INVALID.
-    if status in (401, 403) or (status == 400 and b"API_KEY_INVALID" in _as_bytes(raw)):
+    if status in (401, 403) or (status == 400 and "API_KEY_INVALID" in text):
         return errors.UpstreamAuthError(
             f"{provider} refused the gateway's credentials ({status}): {message}")
     if status == 404:
@@ -149,9 +148,9 @@ class Transport:
     One Session per provider is shared by the worker's threads. ``requests``
     does not promise a shared Session is thread-safe; what is unsafe in it
     is the cookie jar and mutating its settings. Calls go straight to the
-    session's adapter (see ``_send``), so the jar is never touched (and its
-    policy accepts no cookie anyway), nothing is mutated after
-    construction, and the urllib3 pool under the adapter is thread-safe.
+    session's adapter (see ``_send``), so the jar is never touched, nothing
+    is mutated after construction, and the urllib3 pool under the adapter
+    is thread-safe.
     One pool sized to the worker's threads keeps one kept-alive connection
     per concurrent call; a Session per thread would open threads x
     providers connections and lose reuse whenever gthread hands a request
@@ -170,9 +169,6 @@ class Transport:
         # The body is read raw (read1), so ask for it uncompressed.
         self.session.headers["Accept-Encoding"] = "identity"
         self.session.headers.update(headers or {})
-        # Upstream APIs need no cookies; a shared jar would be written by
-        # threads at once (Cloudflare sets __cf_bm), so keep none.
-        self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         adapter = _WatchedAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -206,7 +202,7 @@ class Transport:
             # never evidence about the provider's health.
             return errors.InvalidRequest(f"{self.provider}: request could not be sent "
                                          f"({type(exc).__name__})")
-        aborted = self._aborted()
+        aborted = aborted_error(self.provider)
         if aborted is not None:
             return aborted
         if isinstance(exc, requests.ConnectTimeout):
@@ -222,9 +218,6 @@ class Transport:
                 reason="ConnectionError")
         return errors.UpstreamError(f"{self.provider}: {type(exc).__name__}",
                                     reason="RequestError")
-
-    def _aborted(self):
-        return aborted_error(self.provider)
 
     def _read_body(self, response, deadline):
         """Read the whole body, the read timeout bounding all of it."""
@@ -247,7 +240,7 @@ class Transport:
                 f"{self.provider}: response not complete within the read timeout",
                 reason="ReadTimeout") from None
         except (Urllib3Error, requests.RequestException, OSError):
-            raise self._aborted() or errors.UpstreamError(
+            raise aborted_error(self.provider) or errors.UpstreamError(
                 f"{self.provider}: connection closed early", reason="closed-early") from None
         finally:
             response.close()

@@ -51,12 +51,12 @@ class Outcome:
 
 
 class ChainWalker:
-    """Walk chains with the health cache, the prober and the metrics recorder."""
+    """Walk chains with the health cache, the calls-in-flight registry and the recorder."""
 
-    def __init__(self, providers, health, prober, recorder, redactor):
+    def __init__(self, providers, health, inflight, recorder, redactor):
         self._providers = providers
         self._health = health
-        self._prober = prober
+        self._inflight = inflight
         self._recorder = recorder
         self._redactor = redactor
 
@@ -86,7 +86,7 @@ class ChainWalker:
 
     def _try(self, provider, entry, call, attempts, index, asked, streaming):
         started = time.perf_counter()
-        in_flight = self._prober.call_started(entry.provider)
+        in_flight = self._inflight.begin(entry.provider)
         try:
             result = call(provider, entry)
         except errors.GatewayError as error:
@@ -97,7 +97,7 @@ class ChainWalker:
             failure = None
         finally:
             # Before the failure is recorded: a trip aborts the calls still in flight.
-            self._prober.call_finished(in_flight)
+            self._inflight.end(in_flight)
         if failure is not None:
             return self._failed(entry, failure, attempts, index, asked, streaming)
         seconds = time.perf_counter() - started

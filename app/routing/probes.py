@@ -64,13 +64,6 @@ class Prober:
     def stop(self):
         self._stop.set()
 
-    def call_started(self, provider):
-        """Note that this thread is waiting on ``provider``; return the call."""
-        return self._inflight.begin(provider)
-
-    def call_finished(self, call):
-        self._inflight.end(call)
-
     def _loop(self):
         while True:
             self._inflight.enforce_deadlines()
