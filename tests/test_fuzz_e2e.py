@@ -53,7 +53,7 @@ routed.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE])
 
 
 def two_envelopes(ctx, response, case):
-    """Check that an error is JSON with both envelopes, telling the same story."""
+    """Check that an error is JSON with both envelopes, naming the same kind."""
     if response.status_code < 400:
         return None
     content_type = response.headers.get("content-type", [""])[0]
@@ -66,7 +66,6 @@ def two_envelopes(ctx, response, case):
                             (detail, "kind"), (detail, "message")):
         assert isinstance(envelope.get(field), str), f"{field!r} missing or not text: {body}"
     assert error["type"] == error["code"] == detail["kind"], f"kinds differ: {body}"
-    assert error["message"] == detail["message"], f"messages differ: {body}"
     return None
 
 
