@@ -8,7 +8,7 @@ import threading
 import pytest
 import requests
 
-from tests.conftest import KEYS, provider_env
+from tests.conftest import KEYS, provider_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -407,3 +407,76 @@ def test_provider_prefix_is_case_insensitive(stack, model, provider, upstream_mo
     assert response.status_code == 200, response.text
     assert response.headers["X-Mana-LLM-Resolved"] == f"{provider}/{upstream_model}"
     assert upstream_calls({provider: stack.fakes[provider]}) == 1
+
+
+# -- keys in upstream text and tracebacks ----------------------------------------------------
+
+MODELS = {"groq": "groq/llama-3.1-8b-instant", "google": "google/gemini-2.0-flash-exp",
+          "together": "together/meta-llama/Llama-3.3-70B-Instruct-Turbo"}
+
+
+def key_runs(key, size=8):
+    return {key[i:i + size] for i in range(len(key) - size + 1)}
+
+
+def leaked(text, key):
+    """Return the 8-character runs of ``key`` found in ``text``."""
+    return sorted(run for run in key_runs(key) if run in text)
+
+
+@pytest.fixture
+def with_together(gateway_factory, upstreams, fake_factory):
+    fakes = dict(upstreams, together=fake_factory("together"))
+    server = gateway_factory(provider_env(fakes))
+    server.fakes = fakes
+    return server
+
+
+@pytest.mark.parametrize("provider", list(MODELS))
+def test_key_straddling_the_500_character_cut_never_reaches_the_caller(with_together,
+                                                                       provider):
+    key = KEYS[provider]
+    for cut_inside in (8, 10, 14, 20):
+        message = "e" * (500 - cut_inside) + key + " was refused"
+        path = "generateContent" if provider == "google" else "/chat/completions"
+        with_together.fakes[provider].behave("status", status=400, times=1, path=path, body={
+            "error": {"message": message, "code": 400}})
+        response = requests.post(with_together.url + CHAT, timeout=10, json={
+            "model": MODELS[provider], "messages": USER})
+        assert_envelope(response, 400)
+        assert leaked(response.text, key) == [], cut_inside
+    assert leaked(with_together.log(), key) == []
+
+
+def test_key_in_a_logged_traceback_is_redacted(with_together):
+    key = KEYS["google"]
+    # A token count that is the key: the translation raises on it, and the
+    # walk logs the exception with its traceback.
+    with_together.fakes["google"].behave("status", status=200, path="generateContent", body={
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "hi"}]},
+                        "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": key, "candidatesTokenCount": 1}})
+    for stream in (False, True):
+        response = requests.post(with_together.url + CHAT, timeout=10, json={
+            "model": MODELS["google"], "messages": USER, "stream": stream})
+        assert leaked(response.text, key) == []
+    assert leaked(with_together.log(), key) == []
+
+
+# -- log forging -----------------------------------------------------------------------------
+
+FORGED = ("2026-01-01 00:00:00,000 INFO [1] [forged-id] app.access: "
+          "POST /v1/chat/completions 200 1.0ms model=forged/model")
+
+
+@pytest.mark.parametrize("separator", ["\r\n", "\n", "\r", "\u2028", "\u0085", "\x1b[2K\r"])
+def test_upstream_text_with_line_breaks_is_one_log_line(gateway, upstreams, separator):
+    upstreams["groq"].behave("status", status=500, path="chat", body={
+        "error": {"message": f"boom{separator}{FORGED}{separator}"}})
+    for _ in range(3):  # enough failures to trip: the trip is logged with the reason
+        requests.post(gateway.url + CHAT, timeout=10, json={
+            "model": "groq/llama-3.1-8b-instant", "messages": USER})
+    assert wait_until(lambda: "forged-id" in gateway.log(), timeout=5), gateway.log()
+    lines = [line for line in gateway.log().splitlines() if "forged-id" in line]
+    assert lines and all(" WARNING " in line and "marked unhealthy" in line for line in lines)
+    assert not any(line.startswith(FORGED[:20]) for line in gateway.log().splitlines())
