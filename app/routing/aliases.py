@@ -167,8 +167,8 @@ def check_model_string(model):
     if not is_printable_ascii(model):
         # No provider has a non-ASCII model id, and the resolved model goes
         # back in a response header, which cannot carry it.
-        raise errors.InvalidRequest("'model' must be printable ASCII (no control "
-                                    "characters)", param="model")
+        raise errors.InvalidRequest("'model' must be printable ASCII: no control or "
+                                    "non-ASCII characters", param="model")
 
 
 def resolve_chain(model, table, known_providers):
