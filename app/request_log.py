@@ -61,21 +61,27 @@ class SafeFormatter(logging.Formatter):
     The whole formatted text is cleaned, traceback included: an exception
     can carry upstream text or a key (``exc_info``), and any field that
     came from outside may hold a CR or LF that would forge another line.
+    ``inner``, when given, formats the record first (gunicorn's own format).
     """
 
-    def __init__(self, fmt, redactor):
+    def __init__(self, redactor, fmt=None, inner=None):
         super().__init__(fmt)
-        self._redactor = redactor
+        self.redactor = redactor
+        self.inner = inner
 
     def format(self, record):
-        return escape_controls(self._redactor.redact(super().format(record)))
+        text = self.inner.format(record) if self.inner else super().format(record)
+        return escape_controls(self.redactor.redact(text))
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
+# gunicorn logs what escapes the app (an error inside a stream, a crash)
+# with its traceback through its own handlers: clean those lines too.
+SERVER_LOGGERS = ("gunicorn.error",)
 
 
 def configure_logging(level, redactor):
-    """Send the ``app`` loggers to stderr with request ids; idempotent."""
+    """Send the ``app`` loggers to stderr with request ids; clean every line; idempotent."""
     logger = logging.getLogger("app")
     logger.setLevel(level.upper())
     logger.propagate = False
@@ -84,9 +90,15 @@ def configure_logging(level, redactor):
             logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler._mana_llm = True
-    handler.setFormatter(SafeFormatter(LOG_FORMAT, redactor))
+    handler.setFormatter(SafeFormatter(redactor, LOG_FORMAT))
     handler.addFilter(RequestContextFilter())
     logger.addHandler(handler)
+    for name in SERVER_LOGGERS:
+        for server_handler in logging.getLogger(name).handlers:
+            inner = server_handler.formatter or logging.Formatter()
+            if isinstance(inner, SafeFormatter):
+                inner = inner.inner
+            server_handler.setFormatter(SafeFormatter(redactor, inner=inner))
 
 
 class StartClock:

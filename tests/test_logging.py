@@ -85,3 +85,23 @@ def test_escape_controls(text, expected):
 def test_request_id_is_on_every_line(logged):
     logging.getLogger("app").info("outside a request")
     assert "[-] app: outside a request" in logged()
+
+
+def test_server_log_lines_are_cleaned_too():
+    server_log = logging.getLogger("gunicorn.error")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[gunicorn] %(message)s"))
+    server_log.addHandler(handler)
+    try:
+        for _ in range(2):  # a second app in the same process must not wrap twice
+            configure_logging("info", Redactor([PLAIN_KEY]))
+        try:
+            fail_with(f"{PLAIN_KEY}\r\n{FORGED}")
+        except ValueError:
+            server_log.exception("Error handling request")
+    finally:
+        server_log.removeHandler(handler)
+    out = stream.getvalue()
+    assert out.startswith("[gunicorn] Error handling request") and "Traceback" in out
+    assert len(out.splitlines()) == 1 and PLAIN_KEY[:8] not in out
