@@ -4,11 +4,13 @@ import re
 
 # Keys as providers format them, and the masked fragments upstreams echo
 # back in 401 bodies ("sk-proj-****abcd"): any token with a run of mask
-# characters is treated as a key fragment.
+# characters is treated as a key fragment. A fragment match may only start
+# where a token starts: tried from inside a long token, it would rescan
+# the token's rest at every position (quadratic in its length).
 _KEY_SHAPES = re.compile(
     r"(?<![A-Za-z0-9])(?:sk|gsk|pk|rk)[-_][A-Za-z0-9_\-*.]{6,}"
     r"|AIza[0-9A-Za-z_\-]{10,}"
-    r"|[A-Za-z0-9_\-]*[*\u2022]{3,}[A-Za-z0-9_\-*\u2022.]*"
+    r"|(?<![A-Za-z0-9_\-])[A-Za-z0-9_\-]*[*\u2022]{3,}[A-Za-z0-9_\-*\u2022.]*"
     r"|(?i:bearer)\s+[A-Za-z0-9_\-.~+/=]{6,}"
 )
 REDACTED = "[redacted]"
