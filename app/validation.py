@@ -120,13 +120,18 @@ def _is_object(value):
     return isinstance(value, dict)
 
 
+def _is_tool_call(call):
+    """Tell whether ``call`` is ``{id?: str, type?: function, function: {name, arguments}}``."""
+    if not _is_object(call) or not _is_object(call.get("function")):
+        return False
+    function = call["function"]
+    # ``type`` may be left out (Ollama's clients do); when present it must be right.
+    return call.get("type", "function") == "function" and isinstance(call.get("id", ""), str) \
+        and isinstance(function.get("name"), str) and isinstance(function.get("arguments"), str)
+
+
 def _tool_call(call, where):
-    """Reject an assistant tool call that is not ``{id?, type: function, function}``."""
-    function = call.get("function") if _is_object(call) else None
-    if not _is_object(call) or call.get("type", "function") != "function" \
-            or not isinstance(call.get("id", ""), str) or not _is_object(function) \
-            or not isinstance(function.get("name"), str) \
-            or not isinstance(function.get("arguments"), str):
+    if not _is_tool_call(call):
         raise errors.InvalidRequest(
             f"{where} must be {{'id': str, 'type': 'function', 'function': "
             "{'name': str, 'arguments': str (JSON)}}", param=where)
@@ -202,6 +207,16 @@ def _tools(body):
         _tool(tool, index)
 
 
+def _json_schema(json_schema):
+    if not _is_object(json_schema):
+        raise errors.InvalidRequest("'response_format.json_schema' must be an object",
+                                    param="response_format")
+    if json_schema.get("schema") is not None and not _is_object(json_schema["schema"]):
+        raise errors.InvalidRequest(
+            "'response_format.json_schema.schema' must be a JSON schema object",
+            param="response_format.json_schema.schema")
+
+
 def _response_format(body):
     fmt = body.get("response_format")
     if fmt is None:
@@ -209,15 +224,8 @@ def _response_format(body):
     if not isinstance(fmt, dict) or fmt.get("type") not in _FORMATS:
         raise errors.InvalidRequest("'response_format.type' must be one of "
                                     + ", ".join(_FORMATS), param="response_format")
-    if fmt["type"] == "json_schema" and not _is_object(fmt.get("json_schema")):
-        raise errors.InvalidRequest("'response_format.json_schema' must be an object",
-                                    param="response_format")
-    schema = (fmt.get("json_schema") or {}).get("schema") if fmt["type"] == "json_schema" \
-        else None
-    if schema is not None and not _is_object(schema):
-        raise errors.InvalidRequest("'response_format.json_schema.schema' must be a JSON "
-                                    "schema object",
-                                    param="response_format.json_schema.schema")
+    if fmt["type"] == "json_schema":
+        _json_schema(fmt.get("json_schema"))
     if fmt["type"] == "text":
         body.pop("response_format")
 
