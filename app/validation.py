@@ -58,6 +58,8 @@ def read_body(request):
     except _BadFraming as exc:
         raise errors.InvalidRequest("request body has a broken chunked encoding "
                                     f"({type(exc).__name__})") from None
+    except OSError:  # the client went away in the middle of the body
+        raise errors.InvalidRequest("request body ended before it was complete") from None
     return data
 
 

@@ -393,3 +393,21 @@ def test_broken_chunked_framing_is_400():
     with pytest.raises(errors.InvalidRequest) as caught:
         read_chunked(b"", 100, fail=InvalidChunkSize(b"zz"))
     assert caught.value.status == 400
+
+
+def test_chunked_body_cut_off_at_the_limit_is_400():
+    class EndsEarly(ServerStream):
+        def read(self, size=-1):
+            data = super().read(size)
+            if not data:
+                raise ConnectionResetError("peer went away")
+            return data
+
+    app = flask.Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 10
+    environ = {"wsgi.input": EndsEarly(b"a" * 10), "wsgi.input_terminated": True}
+    with app.test_request_context("/", method="POST", environ_overrides=environ):
+        flask.request.environ.pop("CONTENT_LENGTH", None)
+        with pytest.raises(errors.InvalidRequest) as caught:
+            read_body(flask.request)
+    assert caught.value.status == 400
