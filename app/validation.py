@@ -254,6 +254,9 @@ def chat_request(body):
     if options is not None and not isinstance(options, dict):
         raise errors.InvalidRequest("'stream_options' must be an object",
                                     param="stream_options")
+    if options and not isinstance(options.get("include_usage", False), bool):
+        raise errors.InvalidRequest("'stream_options.include_usage' must be a boolean",
+                                    param="stream_options")
     return body
 
 
@@ -269,8 +272,10 @@ def embeddings_request(body):
     if len(inputs) > MAX_EMBEDDING_INPUTS:
         raise errors.InvalidRequest(f"'input' has {len(inputs)} items; at most "
                                     f"{MAX_EMBEDDING_INPUTS} per request", param="input")
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
+    encoding = body.get("encoding_format")
+    if encoding is None:
+        encoding = "float"
+    if not isinstance(encoding, str) or encoding not in ("float", "base64"):
         raise errors.InvalidRequest("'encoding_format' must be 'float' or 'base64'",
                                     param="encoding_format")
     return inputs, encoding

@@ -134,6 +134,19 @@ def test_non_yaml_file_is_rejected(tmp_path):
         load_aliases(str(path))
 
 
+@pytest.mark.parametrize("text", [
+    "aliases: {mana/x: {description: 2001-13-14, chain: [groq/x]}}\n",
+    "aliases: {mana/x: {chain: [0x_]}}\n",
+    "a: !!timestamp x\n",
+    "[" * 2000,
+])
+def test_yaml_that_breaks_the_parser_is_rejected_with_a_reason(tmp_path, text):
+    path = tmp_path / "aliases.yaml"
+    path.write_text(text)
+    with pytest.raises(AliasConfigError, match="not valid YAML"):
+        load_aliases(str(path))
+
+
 def test_missing_file_is_rejected(tmp_path):
     path = str(tmp_path / "nowhere.yaml")
     with pytest.raises(AliasConfigError, match="cannot read") as caught:
@@ -237,6 +250,9 @@ def test_unknown_provider_is_model_not_found_naming_known_providers(table):
     pytest.param("groq/llama\x1b[31m", id="ESC"),
     pytest.param("x" * 257, id="257-chars"),
     pytest.param("groq/" + "m" * 252, id="257-chars-direct"),
+    pytest.param("groq/llama-3.1-8b-instant ", id="trailing-space"),
+    pytest.param(" mana/fast-text", id="leading-space"),
+    pytest.param(" ", id="only-space"),
 ])
 def test_unsafe_model_string_is_invalid_request(table, model):
     with pytest.raises(errors.InvalidRequest) as caught:

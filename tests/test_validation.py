@@ -133,6 +133,18 @@ def test_stream_options_not_object_is_rejected():
     assert rejected(chat(stream=True, stream_options=True)).param == "stream_options"
 
 
+@pytest.mark.parametrize("flag", ["yes", 1, None, {}])
+def test_include_usage_not_bool_is_rejected(flag):
+    body = chat(stream=True, stream_options={"include_usage": flag})
+    assert rejected(body).param == "stream_options"
+
+
+@pytest.mark.parametrize("encoding", [{}, [], 0, False, "", "FLOAT"])
+def test_encoding_format_not_float_or_base64_is_rejected(encoding):
+    body = {"model": "x", "input": "hi", "encoding_format": encoding}
+    assert rejected(body, embeddings_request).param == "encoding_format"
+
+
 def test_valid_request_with_every_field_passes_unchanged():
     body = chat(
         messages=[

@@ -134,6 +134,11 @@ def load_aliases(path):
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise AliasConfigError(f"{path} is not valid YAML: {exc}") from None
+    except (ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        # PyYAML's constructors raise these for values such as a date of
+        # month 13, a malformed !!timestamp or nesting thousands deep.
+        raise AliasConfigError(f"{path} is not valid YAML: {type(exc).__name__}: "
+                               f"{exc}") from None
     return parse_aliases(doc)
 
 
@@ -163,6 +168,9 @@ def check_model_string(model):
         raise errors.InvalidRequest("'model' must be a string", param="model")
     if len(model) > MAX_MODEL_LENGTH:
         raise errors.InvalidRequest(f"'model' is longer than {MAX_MODEL_LENGTH} characters",
+                                    param="model")
+    if model != model.strip():
+        raise errors.InvalidRequest("'model' must not start or end with white space",
                                     param="model")
     if not is_printable_ascii(model):
         # No provider has a non-ASCII model id, and the resolved model goes
