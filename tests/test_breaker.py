@@ -310,21 +310,52 @@ def test_probe_success_does_not_clear_failures_of_real_calls(cache):
     assert cache.snapshot()["groq"]["status"] == "unhealthy"
 
 
-def test_probe_success_does_not_cut_a_backoff_short(cache, clock):
+def test_probe_success_makes_the_next_call_the_single_trial_at_once(cache, clock):
     trip(cache)
     clock.advance(BACKOFF / 2)
     cache.record_probe_ok("groq")
-    assert admits(cache) == [False]
+    assert admits(cache, times=3) == [True, False, False]
 
 
-def test_probe_success_after_backoff_closes_the_breaker(cache, clock):
+def test_probe_success_never_closes_the_breaker_by_itself(cache, clock):
     seen = []
     cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))
     trip(cache)
-    clock.advance(BACKOFF + 1)
+    clock.advance(1)
     cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["status"] == "unhealthy"
+    assert seen == [("groq", False)]
+
+
+def test_trial_after_a_probe_that_fails_rearms_the_whole_backoff(cache, clock):
+    trip(cache)
+    clock.advance(1)
+    cache.record_probe_ok("groq")          # GET /models answers...
+    assert cache.admit("groq") is True
+    cache.record_failure("groq", "500")    # ...but the real call still fails
+    clock.advance(BACKOFF - 0.001)
+    assert cache.admit("groq") is False
+    clock.advance(0.001)
+    assert cache.admit("groq") is True
+
+
+def test_probe_success_then_trial_success_closes_the_breaker(cache, clock):
+    seen = []
+    cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))
+    trip(cache)
+    clock.advance(2)
+    cache.record_probe_ok("groq")
+    assert cache.admit("groq") is True
+    cache.record_success("groq")
     assert admits(cache, times=3) == [True, True, True]
     assert seen == [("groq", False), ("groq", True)]
+
+
+def test_probe_success_on_a_healthy_provider_changes_nothing(cache):
+    cache.record_failure("groq", "one")
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["consecutive_failures"] == 1
+    assert admits(cache, times=2) == [True, True]
 
 
 def test_listeners_end_on_the_current_state_when_transitions_race(cache):
