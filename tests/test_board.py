@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from app.config import ConfigError, build_config, secrets
 from app.routing import board as shared
 from app.routing.board import GuardedBoard, MemoryBoard, Slate
 from app.routing.board_sqlite import SqliteBoard
@@ -181,6 +182,18 @@ def test_guard_skips_a_failed_board_until_check_passes(clock):
     assert guard.reconnect() is True
     assert guard.update("ollama", fail).failures == 1
     assert states == [False, True]
+
+
+def test_busy_board_costs_one_call_and_stays_up(clock):
+    flaky = FlakyBoard()
+    guard = GuardedBoard(flaky, clock=clock)
+
+    def contended(slate):
+        raise shared.BoardBusy("kept changing")
+
+    assert guard.update("ollama", contended) is None
+    assert guard.up is True
+    assert guard.update("ollama", fail).failures == 1
 
 
 def test_guard_retry_gap_grows_to_its_cap(clock):
@@ -399,3 +412,54 @@ def test_trial_elected_without_the_board_is_this_workers_own(board, pair, clock)
     clock.advance(BACKOFF)
     assert [a.cache.admit("ollama"), a.cache.admit("ollama")] == [True, False]
     assert b.cache.admit("ollama") is True
+
+
+# --- choosing a backend ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["", "memory", "sqlite:///tmp/x/board.sqlite3",
+                                 "redis://127.0.0.1:6379/0", "redis://localhost",
+                                 "rediss://:secret@redis.internal:6380/2"])
+def test_shared_state_url_accepts(url):
+    assert build_config({"SHARED_STATE_URL": url})["SHARED_STATE_URL"] == url
+
+
+@pytest.mark.parametrize("url", ["postgres://db/x", "redis://", "redis://h:port/0",
+                                 "redis://h:6379/99", "sqlite://relative", "sqlite:///",
+                                 "memcached"])
+def test_shared_state_url_rejects_naming_the_variable(url):
+    with pytest.raises(ConfigError, match="SHARED_STATE_URL"):
+        build_config({"SHARED_STATE_URL": url})
+
+
+@pytest.mark.parametrize("prefix", ["", "has space", "x" * 101])
+def test_shared_state_prefix_rejects(prefix):
+    with pytest.raises(ConfigError, match="SHARED_STATE_PREFIX"):
+        build_config({"SHARED_STATE_PREFIX": prefix})
+
+
+def test_shared_state_defaults():
+    config = build_config({})
+    assert (config["SHARED_STATE_URL"], config["SHARED_STATE_PREFIX"]) == ("", "mana-llm:")
+
+
+def test_redis_password_is_a_secret_to_redact():
+    config = build_config({"SHARED_STATE_URL": "redis://:hunter2-board@127.0.0.1:6379/0"})
+    assert "hunter2-board" in secrets(config)
+
+
+@pytest.mark.parametrize("url, environ, expected", [
+    ("memory", {"MANA_LLM_RUNTIME_DIR": "/tmp"}, None),
+    ("", {}, None),
+    ("", {"MANA_LLM_RUNTIME_DIR": "/run/x"}, ("sqlite", "/run/x/board.sqlite3")),
+    ("sqlite:///var/lib/mana/board.db", {}, ("sqlite", "/var/lib/mana/board.db")),
+    ("redis://127.0.0.1:1/0", {}, ("redis", None)),
+])
+def test_open_board_picks_the_backend(url, environ, expected):
+    board = shared.open_board({"SHARED_STATE_URL": url, "SHARED_STATE_PREFIX": "p:"}, environ)
+    if expected is None:
+        assert board is None
+        return
+    assert board.name == expected[0]
+    if expected[1]:
+        assert board.backend.path == expected[1]
+    board.close()

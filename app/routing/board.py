@@ -39,6 +39,10 @@ class BoardUnavailable(Exception):
     """The board did not answer (down, unreachable, unwritable, too slow); retry later."""
 
 
+class BoardBusy(BoardUnavailable):
+    """Too many writers raced for one slate: this call goes without, the board is fine."""
+
+
 @dataclass(frozen=True)
 class Slate:
     """What the board knows about one provider."""
@@ -214,6 +218,9 @@ class GuardedBoard:
             return None
         try:
             return method(*args)
+        except BoardBusy as exc:
+            log.info("shared state board busy, this call goes without it: %s", exc)
+            return None
         except BoardUnavailable as exc:
             self._went_down(exc)
             return None

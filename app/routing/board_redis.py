@@ -16,9 +16,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.routing.board import BoardUnavailable, Slate
+from app.routing.board import BoardBusy, BoardUnavailable, Slate
 
-ATTEMPTS = 5
+# Each lost race means another writer won, so N racing writers all land within N.
+ATTEMPTS = 16
 _FLOATS = {f.name for f in dataclasses.fields(Slate) if f.type in (float, "float")}
 
 
@@ -32,7 +33,7 @@ class RedisBoard:
         self._wall = wall
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), decode_responses=True, max_connections=64)
+            retry=Retry(NoBackoff(), 0), decode_responses=True)
 
     def key(self, provider):
         return f"{self.prefix}provider:{provider}"
@@ -54,7 +55,7 @@ class RedisBoard:
                     return self._change(pipe, key, change)
                 except redis.WatchError:
                     continue
-        raise BoardUnavailable(f"redis: {key} kept changing under {ATTEMPTS} attempts")
+        raise BoardBusy(f"redis: {key} kept changing under {ATTEMPTS} attempts")
 
     def _change(self, pipe, key, change):
         pipe.watch(key)
