@@ -7,6 +7,7 @@ A trip is honoured by every worker within 1 s (the board is synced every
 0.25 s), so the requests that trip a provider are a second apart.
 """
 
+import concurrent.futures
 import re
 import threading
 import time
@@ -218,3 +219,28 @@ def test_hup_during_an_outage_stalls_no_caller(gateway_factory, upstreams, tmp_p
     assert [status for _, _, status in results if status != 200] == []
     assert chat_hits(ollama) == 0  # no new worker sent a caller to the dark box
     assert stall < 3.0
+
+
+def test_half_open_trial_is_elected_once_per_board(gateway_factory, upstreams, tmp_path):
+    ollama = upstreams["ollama"]
+    server = start(gateway_factory, upstreams, tmp_path, UNHEALTHY_BACKOFF=3)
+    ollama.behave("status", status=500, path="/api/chat")
+    trip_by_paced_requests(server, ollama, "trip")
+    until = requests.get(server.url + "/v1/health", timeout=5).json()[
+        "providers"]["ollama"]["unhealthy_until_unix"]
+    assert until is not None
+    assert wait_until(lambda: time.time() > until + 0.5, timeout=10)
+    ollama.reset()
+    ollama.behave("delay", seconds=0.6, path="/api/chat")
+    burst = [f"burst-{i}" for i in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda rid: ask(server, rid), burst))
+    assert len(set(worker_of(server, burst).values())) == 2  # both workers saw the burst
+    served_by = [a.headers["X-Mana-LLM-Resolved"] for a in answers]
+    # One trial for the board, not one per worker; the rest kept skipping.
+    assert chat_hits(ollama) == 1
+    assert served_by.count("ollama/qwen2.5:7b") == 1
+    ollama.reset()
+    time.sleep(HONOURED_WITHIN)  # the trial's success reaches the other worker
+    after = [ask(server, f"after-{i}").headers["X-Mana-LLM-Resolved"] for i in range(8)]
+    assert after == ["ollama/qwen2.5:7b"] * 8
