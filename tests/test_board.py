@@ -71,6 +71,15 @@ def test_probe_ok_ends_the_backoff_but_not_the_trip():
     assert (probed.tripped, probed.tripped_until) == (True, WALL0 + 3)
 
 
+def test_probe_ok_cuts_a_backoff_once_until_a_probe_fails():
+    probed = shared.probed_ok(fail(fail(Slate())), now=WALL0 + 3)
+    rearmed = fail(probed, now=WALL0 + 4)            # the trial failed
+    assert shared.probed_ok(rearmed, now=WALL0 + 7) == rearmed
+    dark = shared.failed(rearmed, now=WALL0 + 8, error="probe", threshold=THRESHOLD,
+                         backoff=BACKOFF, window=600, probe=True)
+    assert shared.probed_ok(dark, now=WALL0 + 9).tripped_until == WALL0 + 9
+
+
 def test_cleared_keeps_a_running_cooldown_only():
     cooled = shared.cooled(fail(fail(Slate())), until=WALL0 + 9, error="429")
     assert shared.cleared(cooled) == Slate(cooldown_until=WALL0 + 9)
@@ -110,7 +119,8 @@ def test_update_applies_the_change_and_reads_it_back(backend):
 def test_update_round_trips_every_field(backend):
     slate = Slate(failures=3, failures_until=WALL0 + 1.5, tripped=True,
                   tripped_until=WALL0 + 60.25, cooldown_until=WALL0 + 7.125,
-                  trial_until=WALL0 + 70.5, trial_owner="123-abc", last_error="HTTP 500: ü")
+                  trial_until=WALL0 + 70.5, trial_owner="123-abc", last_error="HTTP 500: ü",
+                  probe_spent=True)
     backend.update("groq", lambda _: slate)
     assert backend.read(["groq"]) == {"groq": slate}
 
@@ -329,6 +339,21 @@ def test_probe_ok_in_one_worker_makes_the_next_call_anywhere_the_trial(pair, clo
     b.cache.record_probe_ok("ollama")
     a.cache.sync()
     assert [a.cache.admit("ollama"), b.cache.admit("ollama")] == [True, False]
+
+
+def test_probe_shortcut_is_spent_for_the_whole_board(pair, clock):
+    a, b = pair
+    for _ in range(THRESHOLD):
+        a.cache.record_failure("ollama", "refused")
+    b.cache.sync()
+    a.cache.record_probe_ok("ollama")
+    assert a.cache.admit("ollama") is True
+    a.cache.record_failure("ollama", "the trial failed too")
+    b.cache.sync()
+    clock.advance(3)
+    b.cache.record_probe_ok("ollama")  # b's probe answers as well: no second shortcut
+    a.cache.sync()
+    assert (a.cache.admit("ollama"), b.cache.admit("ollama")) == (False, False)
 
 
 def test_cooldown_is_shared(pair, clock):

@@ -339,6 +339,43 @@ def test_trial_after_a_probe_that_fails_rearms_the_whole_backoff(cache, clock):
     assert cache.admit("groq") is True
 
 
+def test_provider_that_answers_probes_but_fails_calls_stays_out(cache, clock):
+    trip(cache)
+    clock.advance(1)
+    cache.record_probe_ok("groq")
+    assert cache.admit("groq") is True
+    cache.record_failure("groq", "500 on the trial")
+    for _ in range(5):                      # probes keep answering, every 3 s
+        clock.advance(3)
+        cache.record_probe_ok("groq")
+        assert cache.admit("groq") is False
+    clock.advance(BACKOFF - 15)
+    assert cache.admit("groq") is True      # the ordinary trial after the whole backoff
+
+
+def test_failed_probe_lets_the_next_answering_probe_cut_the_backoff_again(cache, clock):
+    trip(cache)
+    cache.record_probe_ok("groq")
+    assert cache.admit("groq") is True
+    cache.record_failure("groq", "trial failed")
+    clock.advance(3)
+    cache.record_failure("groq", "probe: ConnectTimeout", probe=True)  # it went dark
+    clock.advance(3)
+    cache.record_probe_ok("groq")            # and came back
+    assert admits(cache, times=2) == [True, False]
+
+
+def test_is_tripped_covers_backoff_and_half_open(cache, clock):
+    assert cache.is_tripped("groq") is False
+    trip(cache)
+    assert cache.is_tripped("groq") is True
+    clock.advance(BACKOFF)
+    assert cache.is_tripped("groq") is True
+    cache.admit("groq")
+    cache.record_success("groq")
+    assert cache.is_tripped("groq") is False
+
+
 def test_probe_success_then_trial_success_closes_the_breaker(cache, clock):
     seen = []
     cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))

@@ -55,6 +55,7 @@ class Slate:
     trial_until: float = 0.0      # the half-open trial's lease
     trial_owner: str = ""
     last_error: str = ""
+    probe_spent: bool = False     # a probe already cut this trip's backoff short
 
     def keep_until(self):
         """Return when nothing on this slate matters any more."""
@@ -67,14 +68,19 @@ class Slate:
 
 # --- transitions: pure functions of a slate ------------------------------------------------
 
-def failed(slate, *, now, error, threshold, backoff, window):
-    """Count a failure; trip at the threshold; re-arm the backoff if tripped."""
+def failed(slate, *, now, error, threshold, backoff, window, probe=False):
+    """Count a failure; trip at the threshold; re-arm the backoff if tripped.
+
+    A failed probe shows the provider was down since, so the next probe
+    that answers may cut the backoff short again.
+    """
     failures = slate.failure_count(now) + 1
     tripped = slate.tripped or failures >= threshold
     until = max(slate.tripped_until, now + backoff) if tripped else 0.0
     return dataclasses.replace(slate, failures=failures, failures_until=now + window,
                                tripped=tripped, tripped_until=until, trial_until=0.0,
-                               trial_owner="", last_error=error)
+                               trial_owner="", last_error=error,
+                               probe_spent=slate.probe_spent and not probe)
 
 
 def cooled(slate, *, until, error):
@@ -103,10 +109,14 @@ def released(slate, *, owner):
 
 
 def probed_ok(slate, *, now):
-    """A probe answered: end the backoff now, so the next call is the trial."""
-    if not slate.tripped or slate.tripped_until <= now:
+    """A probe answered: end the backoff now, so the next call is the trial.
+
+    Once per trip (until a probe fails): a provider that answers probes
+    but fails its trial then waits out the whole backoff, so it stays out.
+    """
+    if not slate.tripped or slate.tripped_until <= now or slate.probe_spent:
         return slate
-    return dataclasses.replace(slate, tripped_until=now)
+    return dataclasses.replace(slate, tripped_until=now, probe_spent=True)
 
 
 def republished(slate, *, until, error):

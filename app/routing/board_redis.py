@@ -101,6 +101,7 @@ class _Translate:
 def _encode(slate):
     values = dataclasses.asdict(slate)
     values["tripped"] = int(slate.tripped)
+    values["probe_spent"] = int(slate.probe_spent)
     return {k: v if isinstance(v, str) else repr(v) for k, v in values.items()}
 
 
@@ -110,7 +111,7 @@ def _decode(fields):
         raw = fields.get(field.name)
         if raw is None:
             continue
-        if field.name == "tripped":
+        if field.name in ("tripped", "probe_spent"):
             values[field.name] = raw not in ("0", "", "False")
         elif field.name == "failures":
             values[field.name] = int(float(raw))

@@ -18,7 +18,7 @@ from app.routing.board import BoardUnavailable, Slate
 FIELDS = [f.name for f in dataclasses.fields(Slate)]
 SCHEMA = ("CREATE TABLE IF NOT EXISTS slates (provider TEXT PRIMARY KEY, failures INTEGER, "
           "failures_until REAL, tripped INTEGER, tripped_until REAL, cooldown_until REAL, "
-          "trial_until REAL, trial_owner TEXT, last_error TEXT)")
+          "trial_until REAL, trial_owner TEXT, last_error TEXT, probe_spent INTEGER)")
 HEARTBEAT = ("CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), "
              "beats INTEGER)")
 SELECT = f"SELECT provider, {', '.join(FIELDS)} FROM slates"
@@ -113,5 +113,6 @@ class SqliteBoard:
 def _slate(values):
     slate = Slate(*values)
     return dataclasses.replace(slate, tripped=bool(slate.tripped),
+                               probe_spent=bool(slate.probe_spent),
                                trial_owner=slate.trial_owner or "",
                                last_error=slate.last_error or "")

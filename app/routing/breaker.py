@@ -42,6 +42,7 @@ class ProviderHealth:
     cooldown_until: float = 0.0       # monotonic: 429 cooldown
     trial_until: float = 0.0          # monotonic: a half-open trial is out until then
     trial_mine: bool = False          # this worker holds the board's trial lease
+    probe_spent: bool = False         # a probe already cut this trip's backoff short
     version: int = 0                  # bumped by every change, so a sync never undoes one
 
 
@@ -170,7 +171,7 @@ class HealthCache:
             state.healthy = True
             state.consecutive_failures = 0
             state.unhealthy_until = state.trial_until = 0.0
-            state.trial_mine = False
+            state.trial_mine = state.probe_spent = False
             state.last_check = self._wall()
             if news:
                 state.version += 1
@@ -199,20 +200,27 @@ class HealthCache:
 
         It never clears failures that real calls recorded: an upstream can
         answer ``GET /models`` and still hang or fail on every completion,
-        so the trial decides, and a failed trial re-arms the backoff.
+        so the trial decides. Once per trip, until a probe fails: after a
+        failed trial the provider waits out its whole backoff (it stays out).
         """
         now = self._clock()
         with self._lock:
             state = self._get(provider)
             state.last_check = self._wall()
-            if state.healthy:
+            if state.healthy or state.probe_spent:
                 return
-            state.unhealthy_until = min(state.unhealthy_until, now)
+            if now < state.unhealthy_until:
+                state.unhealthy_until = now
+                state.probe_spent = True
             state.version += 1
         self._share(provider, functools.partial(shared.probed_ok, now=self._wall()))
 
-    def record_failure(self, provider, error):
-        """Count a failure; trip at the threshold; re-arm the backoff if tripped."""
+    def record_failure(self, provider, error, *, probe=False):
+        """Count a failure; trip at the threshold; re-arm the backoff if tripped.
+
+        ``probe``: the failure is a probe's, so the provider was down since;
+        the next probe that answers may cut the backoff short again.
+        """
         error = str(error)[:300]
         with self._lock:
             state = self._get(provider)
@@ -221,11 +229,11 @@ class HealthCache:
             state.version += 1
         slate = self._share(provider, functools.partial(
             shared.failed, now=self._wall(), error=error, threshold=self._threshold,
-            backoff=self._backoff, window=self._failure_window))
+            backoff=self._backoff, window=self._failure_window, probe=probe))
         if slate is None:
-            self._fail_alone(provider)
+            self._fail_alone(provider, probe)
 
-    def _fail_alone(self, provider):
+    def _fail_alone(self, provider, probe):
         """Count a failure in this worker only (no board, or it is unavailable)."""
         now = self._clock()
         with self._lock:
@@ -234,6 +242,7 @@ class HealthCache:
             state.consecutive_failures += 1
             state.trial_until = 0.0
             state.trial_mine = False
+            state.probe_spent = state.probe_spent and not probe
             if state.consecutive_failures >= self._threshold or not state.healthy:
                 state.healthy = False
                 # The later deadline wins: a new one never shortens the old.
@@ -332,10 +341,17 @@ class HealthCache:
         state.trial_until = local(slate.trial_until) if slate.trial_until > wall else 0.0
         if slate.last_error:
             state.last_error = slate.last_error
+        state.probe_spent = slate.probe_spent
         state.version += 1
         return was_healthy != state.healthy
 
     # --- reading -----------------------------------------------------------------------------
+
+    def is_tripped(self, provider):
+        """Tell whether the provider's breaker is open or half-open (for faster probing)."""
+        with self._lock:
+            state = self._state.get(provider)
+            return state is not None and not state.healthy
 
     def in_backoff(self, provider):
         """Tell whether the provider's backoff or cooldown is still running."""
