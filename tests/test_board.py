@@ -80,6 +80,13 @@ def test_probe_ok_cuts_a_backoff_once_until_a_probe_fails():
     assert shared.probed_ok(dark, now=WALL0 + 9).tripped_until == WALL0 + 9
 
 
+def test_probe_ok_past_the_backoff_clears_unless_a_trial_is_out():
+    tripped = fail(fail(Slate()))
+    assert shared.probed_ok(tripped, now=WALL0 + BACKOFF) == Slate()
+    held = shared.claimed(tripped, now=WALL0 + BACKOFF, lease=5, owner="a")
+    assert shared.probed_ok(held, now=WALL0 + BACKOFF + 1) == held
+
+
 def test_cleared_keeps_a_running_cooldown_only():
     cooled = shared.cooled(fail(fail(Slate())), until=WALL0 + 9, error="429")
     assert shared.cleared(cooled) == Slate(cooldown_until=WALL0 + 9)
@@ -354,6 +361,18 @@ def test_probe_shortcut_is_spent_for_the_whole_board(pair, clock):
     b.cache.record_probe_ok("ollama")  # b's probe answers as well: no second shortcut
     a.cache.sync()
     assert (a.cache.admit("ollama"), b.cache.admit("ollama")) == (False, False)
+
+
+def test_probe_after_the_backoff_reopens_every_worker(pair, clock):
+    a, b = pair
+    for _ in range(THRESHOLD):
+        a.cache.record_failure("ollama", "refused")
+    b.cache.sync()
+    clock.advance(BACKOFF)
+    b.cache.record_probe_ok("ollama")  # no traffic at all: the probe is the trial
+    a.cache.sync()
+    assert [a.cache.admit("ollama") for _ in range(3)] == [True, True, True]
+    assert a.events == [("ollama", False), ("ollama", True)]
 
 
 def test_cooldown_is_shared(pair, clock):

@@ -317,7 +317,7 @@ def test_probe_success_makes_the_next_call_the_single_trial_at_once(cache, clock
     assert admits(cache, times=3) == [True, False, False]
 
 
-def test_probe_success_never_closes_the_breaker_by_itself(cache, clock):
+def test_probe_success_during_the_backoff_does_not_close_the_breaker(cache, clock):
     seen = []
     cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))
     trip(cache)
@@ -386,6 +386,26 @@ def test_probe_success_then_trial_success_closes_the_breaker(cache, clock):
     cache.record_success("groq")
     assert admits(cache, times=3) == [True, True, True]
     assert seen == [("groq", False), ("groq", True)]
+
+
+def test_probe_success_after_backoff_closes_the_breaker(cache, clock):
+    seen = []
+    cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))
+    trip(cache)
+    clock.advance(BACKOFF + 1)
+    cache.record_probe_ok("groq")
+    assert admits(cache, times=3) == [True, True, True]
+    assert seen == [("groq", False), ("groq", True)]
+
+
+def test_probe_success_leaves_a_running_trial_to_decide(cache, clock):
+    trip(cache)
+    clock.advance(BACKOFF)
+    assert cache.admit("groq") is True
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["status"] == "unhealthy"
+    cache.record_failure("groq", "the trial failed")
+    assert cache.admit("groq") is False
 
 
 def test_probe_success_on_a_healthy_provider_changes_nothing(cache):

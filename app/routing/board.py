@@ -113,8 +113,13 @@ def probed_ok(slate, *, now):
 
     Once per trip (until a probe fails): a provider that answers probes
     but fails its trial then waits out the whole backoff, so it stays out.
+    Past the backoff, with no trial out, the probe itself is the trial.
     """
-    if not slate.tripped or slate.tripped_until <= now or slate.probe_spent:
+    if not slate.tripped:
+        return slate
+    if slate.tripped_until <= now:
+        return cleared(slate) if slate.trial_until <= now else slate
+    if slate.probe_spent:
         return slate
     return dataclasses.replace(slate, tripped_until=now, probe_spent=True)
 

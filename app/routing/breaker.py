@@ -198,22 +198,30 @@ class HealthCache:
     def record_probe_ok(self, provider):
         """A probe answered: make the next call to a tripped provider the trial, now.
 
-        It never clears failures that real calls recorded: an upstream can
-        answer ``GET /models`` and still hang or fail on every completion,
-        so the trial decides. Once per trip, until a probe fails: after a
-        failed trial the provider waits out its whole backoff (it stays out).
+        It never clears failures that real calls recorded during a backoff:
+        an upstream can answer ``GET /models`` and still hang or fail on
+        every completion, so a real call is the trial. Once per trip, until
+        a probe fails: after a failed trial the provider waits out its whole
+        backoff (it stays out). Past the backoff, with no trial out, the
+        probe is the trial and closes the breaker (so an idle provider
+        recovers too).
         """
         now = self._clock()
         with self._lock:
             state = self._get(provider)
             state.last_check = self._wall()
-            if state.healthy or state.probe_spent:
+            if state.healthy:
                 return
-            if now < state.unhealthy_until:
+            over = now >= state.unhealthy_until and now >= state.trial_until
+            if not over and (state.probe_spent or now < state.trial_until):
+                return
+            if not over:
                 state.unhealthy_until = now
                 state.probe_spent = True
-            state.version += 1
-        self._share(provider, functools.partial(shared.probed_ok, now=self._wall()))
+                state.version += 1
+        if self._share(provider, functools.partial(shared.probed_ok, now=self._wall())) \
+                is None and over:
+            self.record_success(provider)
 
     def record_failure(self, provider, error, *, probe=False):
         """Count a failure; trip at the threshold; re-arm the backoff if tripped.
