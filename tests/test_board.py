@@ -67,24 +67,31 @@ def test_only_the_owner_releases_a_trial():
 
 def test_probe_ok_ends_the_backoff_but_not_the_trip():
     tripped = fail(fail(Slate()))
-    probed = shared.probed_ok(tripped, now=WALL0 + 3)
+    probed = shared.probed_ok(tripped, now=WALL0 + 3, backoff=BACKOFF)
     assert (probed.tripped, probed.tripped_until) == (True, WALL0 + 3)
 
 
 def test_probe_ok_cuts_a_backoff_once_until_a_probe_fails():
-    probed = shared.probed_ok(fail(fail(Slate())), now=WALL0 + 3)
+    probed = shared.probed_ok(fail(fail(Slate())), now=WALL0 + 3, backoff=BACKOFF)
     rearmed = fail(probed, now=WALL0 + 4)            # the trial failed
-    assert shared.probed_ok(rearmed, now=WALL0 + 7) == rearmed
+    assert shared.probed_ok(rearmed, now=WALL0 + 7, backoff=BACKOFF) == rearmed
     dark = shared.failed(rearmed, now=WALL0 + 8, error="probe", threshold=THRESHOLD,
                          backoff=BACKOFF, window=600, probe=True)
-    assert shared.probed_ok(dark, now=WALL0 + 9).tripped_until == WALL0 + 9
+    assert shared.probed_ok(dark, now=WALL0 + 9, backoff=BACKOFF).tripped_until == WALL0 + 9
 
 
 def test_probe_ok_past_the_backoff_clears_unless_a_trial_is_out():
     tripped = fail(fail(Slate()))
-    assert shared.probed_ok(tripped, now=WALL0 + BACKOFF) == Slate()
+    assert shared.probed_ok(tripped, now=WALL0 + BACKOFF, backoff=BACKOFF) == Slate()
     held = shared.claimed(tripped, now=WALL0 + BACKOFF, lease=5, owner="a")
-    assert shared.probed_ok(held, now=WALL0 + BACKOFF + 1) == held
+    assert shared.probed_ok(held, now=WALL0 + BACKOFF + 1, backoff=BACKOFF) == held
+
+
+def test_probe_right_after_a_cut_short_backoff_leaves_the_trial_to_a_call():
+    probed = shared.probed_ok(fail(fail(Slate())), now=WALL0 + 3, backoff=BACKOFF)
+    assert shared.probed_ok(probed, now=WALL0 + 5, backoff=BACKOFF) == probed
+    idle = shared.probed_ok(probed, now=WALL0 + 3 + BACKOFF, backoff=BACKOFF)
+    assert idle == Slate()  # a whole backoff without a call: the probe is the trial
 
 
 def test_cleared_keeps_a_running_cooldown_only():
@@ -361,6 +368,21 @@ def test_probe_shortcut_is_spent_for_the_whole_board(pair, clock):
     b.cache.record_probe_ok("ollama")  # b's probe answers as well: no second shortcut
     a.cache.sync()
     assert (a.cache.admit("ollama"), b.cache.admit("ollama")) == (False, False)
+
+
+def test_second_workers_probe_does_not_close_what_the_first_cut_short(pair, clock):
+    a, b = pair
+    for _ in range(THRESHOLD):
+        a.cache.record_failure("ollama", "refused")
+    b.cache.sync()
+    clock.advance(3)
+    a.cache.record_probe_ok("ollama")
+    b.cache.sync()
+    clock.advance(1.5)
+    b.cache.record_probe_ok("ollama")
+    a.cache.sync()
+    assert [a.cache.admit("ollama"), b.cache.admit("ollama"), a.cache.admit("ollama")] \
+        == [True, False, False]
 
 
 def test_probe_after_the_backoff_reopens_every_worker(pair, clock):

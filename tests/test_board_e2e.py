@@ -15,6 +15,7 @@ import time
 import pytest
 import requests
 
+from app.routing import probes
 from tests.conftest import provider_env, wait_until, write_aliases
 from tests.redis_server import redis_server  # noqa: F401  (a fixture)
 
@@ -244,3 +245,41 @@ def test_half_open_trial_is_elected_once_per_board(gateway_factory, upstreams, t
     time.sleep(HONOURED_WITHIN)  # the trial's success reaches the other worker
     after = [ask(server, f"after-{i}").headers["X-Mana-LLM-Resolved"] for i in range(8)]
     assert after == ["ollama/qwen2.5:7b"] * 8
+
+
+@pytest.mark.skipif(not hasattr(probes, "TRIPPED_EVERY"),
+                    reason="needs the prober to probe a tripped provider every few seconds")
+def test_recovered_provider_serves_again_within_ten_seconds(gateway_factory, upstreams,
+                                                            tmp_path):
+    ollama = upstreams["ollama"]
+    server = start(gateway_factory, upstreams, tmp_path, PROBE_INTERVAL=30)  # the default
+    ollama.behave("status", status=500, path="/api/chat")
+    trip_by_paced_requests(server, ollama, "trip")
+    ollama.behave("hang")  # dark: the probes fail too
+    time.sleep(HONOURED_WITHIN)
+    ollama.reset()
+    back_at = time.monotonic()
+    served = wait_until(lambda: ask(server, "recovery").headers["X-Mana-LLM-Resolved"]
+                        == "ollama/qwen2.5:7b", timeout=20, interval=0.2)
+    recovery = time.monotonic() - back_at
+    print(f"\n[figure] recovery: a recovered provider served again {recovery:.1f}s after it "
+          f"came back (per-worker caches, probes every 30 s: 30-41 s)")
+    assert served and recovery <= 10.0
+
+
+@pytest.mark.skipif(not hasattr(probes, "TRIPPED_EVERY"),
+                    reason="needs the prober to probe a tripped provider every few seconds")
+def test_provider_that_answers_probes_but_fails_calls_stays_out(gateway_factory, upstreams,
+                                                                tmp_path):
+    ollama = upstreams["ollama"]
+    server = start(gateway_factory, upstreams, tmp_path, PROBE_INTERVAL=30)
+    ollama.behave("status", status=500, path="/api/chat")  # /api/tags keeps answering
+    trip_by_paced_requests(server, ollama, "trip")
+    tags = ollama.hits("/api/tags")
+    for i in range(60):  # ~12 s of steady traffic: several probes every few seconds
+        assert ask(server, f"steady-{i}").headers["X-Mana-LLM-Resolved"] == \
+            "groq/llama-3.1-8b-instant"
+        time.sleep(0.2)
+    assert ollama.hits("/api/tags") >= tags + 2  # probed while tripped, and answered
+    # One trial after the first answering probe, then the whole backoff (60 s).
+    assert chat_hits(ollama) == THRESHOLD + 1

@@ -317,6 +317,25 @@ def test_probe_success_makes_the_next_call_the_single_trial_at_once(cache, clock
     assert admits(cache, times=3) == [True, False, False]
 
 
+def test_second_probe_after_a_cut_short_backoff_leaves_the_trial_to_a_call(cache, clock):
+    trip(cache)
+    clock.advance(3)
+    cache.record_probe_ok("groq")
+    clock.advance(3)
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["status"] == "unhealthy"
+    assert admits(cache, times=2) == [True, False]
+
+
+def test_idle_provider_whose_probes_answer_recovers_after_a_whole_backoff(cache, clock):
+    trip(cache)
+    clock.advance(3)
+    cache.record_probe_ok("groq")   # cut short, but no call comes to be the trial
+    clock.advance(BACKOFF)
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["status"] == "healthy"
+
+
 def test_probe_success_during_the_backoff_does_not_close_the_breaker(cache, clock):
     seen = []
     cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))

@@ -108,17 +108,20 @@ def released(slate, *, owner):
     return dataclasses.replace(slate, trial_until=0.0, trial_owner="")
 
 
-def probed_ok(slate, *, now):
+def probed_ok(slate, *, now, backoff):
     """A probe answered: end the backoff now, so the next call is the trial.
 
     Once per trip (until a probe fails): a provider that answers probes
     but fails its trial then waits out the whole backoff, so it stays out.
-    Past the backoff, with no trial out, the probe itself is the trial.
+    Past the backoff with no trial out, the probe itself is the trial (an
+    idle provider recovers too), but after a cut-short backoff only once a
+    whole backoff went by without a call: that trial belongs to a real call.
     """
     if not slate.tripped:
         return slate
     if slate.tripped_until <= now:
-        return cleared(slate) if slate.trial_until <= now else slate
+        idle = not slate.probe_spent or now >= slate.tripped_until + backoff
+        return cleared(slate) if idle and slate.trial_until <= now else slate
     if slate.probe_spent:
         return slate
     return dataclasses.replace(slate, tripped_until=now, probe_spent=True)

@@ -203,8 +203,8 @@ class HealthCache:
         every completion, so a real call is the trial. Once per trip, until
         a probe fails: after a failed trial the provider waits out its whole
         backoff (it stays out). Past the backoff, with no trial out, the
-        probe is the trial and closes the breaker (so an idle provider
-        recovers too).
+        probe is the trial and closes the breaker, so an idle provider
+        recovers too (``board.probed_ok`` has the rule).
         """
         now = self._clock()
         with self._lock:
@@ -212,15 +212,19 @@ class HealthCache:
             state.last_check = self._wall()
             if state.healthy:
                 return
-            over = now >= state.unhealthy_until and now >= state.trial_until
-            if not over and (state.probe_spent or now < state.trial_until):
-                return
-            if not over:
+            if now < state.unhealthy_until:
+                if state.probe_spent:
+                    return
                 state.unhealthy_until = now
                 state.probe_spent = True
                 state.version += 1
-        if self._share(provider, functools.partial(shared.probed_ok, now=self._wall())) \
-                is None and over:
+                close = False
+            else:
+                close = now >= state.trial_until and (
+                    not state.probe_spent or now >= state.unhealthy_until + self._backoff)
+        slate = self._share(provider, functools.partial(
+            shared.probed_ok, now=self._wall(), backoff=self._backoff))
+        if slate is None and close:
             self.record_success(provider)
 
     def record_failure(self, provider, error, *, probe=False):
