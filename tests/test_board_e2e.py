@@ -1,7 +1,8 @@
 """The shared board end to end: real gunicorn, 2 workers, the default SQLite board and Redis.
 
-The fake Ollama fails every chat call (HTTP 500) while its probe path
-answers, so its chat hits count exactly the calls the gateway let through.
+The fake Ollama fails every call (HTTP 500), its probes too once the
+workers' boot probes are in, so its chat hits count exactly the calls
+the gateway let through, and no answering probe elects a trial.
 Which worker served a request comes from the pid its access line logs.
 A trip is honoured by every worker within 1 s (the board is synced every
 0.25 s), so the requests that trip a provider are a second apart.
@@ -85,7 +86,7 @@ def test_a_failing_upstream_sees_threshold_calls_per_board(
         gateway_factory, upstreams, tmp_path, shared_state, breakers):
     ollama = upstreams["ollama"]
     server = start(gateway_factory, upstreams, tmp_path, SHARED_STATE_URL=shared_state)
-    ollama.behave("status", status=500, path="/api/chat")
+    ollama.behave("status", status=500)  # probes fail too: no probe makes a trial
     ids = trip_by_paced_requests(server, ollama, "trip")
     per_worker = {}
     # Then until both workers have served at least 4 requests each (new connections).
@@ -113,7 +114,7 @@ def test_two_instances_on_one_redis_share_a_trip(gateway_factory, upstreams, tmp
     env = {"SHARED_STATE_URL": redis_server.url, "SHARED_STATE_PREFIX": prefix}
     first = start(gateway_factory, upstreams, tmp_path, WEB_CONCURRENCY=1, **env)
     second = start(gateway_factory, upstreams, tmp_path, **env)
-    ollama.behave("status", status=500, path="/api/chat")
+    ollama.behave("status", status=500)  # probes fail too: no probe makes a trial
     for i in range(THRESHOLD):
         assert ask(first, f"first-{i}").headers["X-Mana-LLM-Resolved"] == \
             "groq/llama-3.1-8b-instant"
@@ -181,7 +182,7 @@ def test_redis_killed_under_load_fails_no_request(gateway_factory, upstreams, tm
 def test_hup_during_an_outage_stalls_no_caller(gateway_factory, upstreams, tmp_path):
     ollama = upstreams["ollama"]
     server = start(gateway_factory, upstreams, tmp_path)  # default board, default timeouts
-    ollama.behave("status", status=500, path="/api/chat")
+    ollama.behave("status", status=500)  # probes fail too: no probe makes a trial
     trip_by_paced_requests(server, ollama, "trip")
     ollama.reset()
     ollama.behave("hang")  # now the box is dark: every call would wait out its timeouts
@@ -224,13 +225,21 @@ def test_hup_during_an_outage_stalls_no_caller(gateway_factory, upstreams, tmp_p
 
 def test_half_open_trial_is_elected_once_per_board(gateway_factory, upstreams, tmp_path):
     ollama = upstreams["ollama"]
-    server = start(gateway_factory, upstreams, tmp_path, UNHEALTHY_BACKOFF=3)
+    # A prober that cuts a tripped provider's backoff short on an answering
+    # probe opens the half-open window by itself; then a long backoff keeps a
+    # later probe from closing the breaker before the burst comes.
+    backoff = 60 if hasattr(probes, "TRIPPED_EVERY") else 3
+    server = start(gateway_factory, upstreams, tmp_path, UNHEALTHY_BACKOFF=backoff)
     ollama.behave("status", status=500, path="/api/chat")
     trip_by_paced_requests(server, ollama, "trip")
-    until = requests.get(server.url + "/v1/health", timeout=5).json()[
-        "providers"]["ollama"]["unhealthy_until_unix"]
-    assert until is not None
-    assert wait_until(lambda: time.time() > until + 0.5, timeout=10)
+
+    def half_open():
+        """Tripped, and its backoff over: no deadline left to show."""
+        state = requests.get(server.url + "/v1/health", timeout=5).json()["providers"]["ollama"]
+        return state["status"] == "unhealthy" and state["unhealthy_until_unix"] is None
+
+    assert wait_until(half_open, timeout=backoff + 10, interval=0.2)
+    assert wait_until(half_open, timeout=5)  # and the other worker (a new connection each)
     ollama.reset()
     ollama.behave("delay", seconds=0.6, path="/api/chat")
     burst = [f"burst-{i}" for i in range(20)]
