@@ -220,7 +220,9 @@ def test_hup_during_an_outage_stalls_no_caller(gateway_factory, upstreams, tmp_p
           f"{len(after)} requests from 8 callers (per-worker caches: 4.2-4.6 s)")
     assert [status for _, _, status in results if status != 200] == []
     assert chat_hits(ollama) == 0  # no new worker sent a caller to the dark box
-    assert stall < 3.0
+    # Generous: a healthy HUP on a loaded 2-core box stalls callers up to ~0.5 s
+    # (workers being replaced); per-worker caches stalled them 4.2-5.2 s.
+    assert stall < 4.0
 
 
 def test_half_open_trial_is_elected_once_per_board(gateway_factory, upstreams, tmp_path):
