@@ -68,7 +68,10 @@ def _accepted_settings():
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     # Not the previous snapshot: it can outgrow what one variable may hold
     # for exec (128 KiB), and the child must read the files afresh anyway.
-    env = {k: v for k, v in os.environ.items() if k != SNAPSHOT_VARIABLE}
+    # Nor the metrics directory: the checker's files (an unlabelled gauge
+    # at 0, under a pid never marked dead) would stay in the aggregate.
+    env = {k: v for k, v in os.environ.items()
+           if k not in (SNAPSHOT_VARIABLE, "PROMETHEUS_MULTIPROC_DIR")}
     result = subprocess.run([sys.executable, "-m", "app", "check-config", "--json"],
                             capture_output=True, text=True, timeout=30,
                             env=dict(env, PYTHONPATH=path))
@@ -91,8 +94,19 @@ def _metrics_directory():
     return directory
 
 
+def _runtime_directory():
+    """Return a new directory of this instance's own for its shared board (SQLite)."""
+    # Fresh per master: two instances on one host never share or wipe each
+    # other's board, and HUP keeps it (the master stays), so new workers
+    # start from what the old ones learned. The same name as
+    # app.routing.board.RUNTIME_DIR_VARIABLE: the master never imports the app.
+    directory = tempfile.mkdtemp(prefix="mana-llm-run-")
+    os.environ["MANA_LLM_RUNTIME_DIR"] = directory
+    return directory
+
+
 def on_starting(server):
-    """Prepare this instance's metrics directory and accept the first configuration."""
+    """Prepare this instance's metrics and runtime directories; accept the configuration."""
     # Set before any worker imports prometheus_client: it picks its value
     # class (mmap files per process) at import time.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_directory()
@@ -102,6 +116,7 @@ def on_starting(server):
     except (ValueError, OSError, subprocess.SubprocessError) as exc:
         _log.error("mana-llm cannot start: %s", exc)
         raise SystemExit(1)
+    _runtime_directory()
     # The last good configuration and alias table live in the master's
     # environment. The master outlives every worker and forks each one, so
     # workers started at boot, after a HUP or after a crash all inherit it;
@@ -141,7 +156,8 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Remove the metrics directory this instance created for itself."""
-    directory = os.environ.get("MANA_LLM_OWN_METRICS_DIR")
-    if directory:
-        shutil.rmtree(directory, ignore_errors=True)
+    """Remove the metrics and runtime directories this instance created for itself."""
+    for variable in ("MANA_LLM_OWN_METRICS_DIR", "MANA_LLM_RUNTIME_DIR"):
+        directory = os.environ.get(variable)
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -24,6 +24,7 @@ from app.providers.inflight import InFlight
 from app.redact import Redactor
 from app.request_log import configure_logging, install_request_log
 from app.routing.aliases import AliasRegistry, load_aliases, parse_aliases
+from app.routing.board import open_board
 from app.routing.breaker import HealthCache
 from app.routing.fallback import ChainWalker
 from app.routing.probes import Prober
@@ -52,10 +53,13 @@ class Gateway:
         """Start the background work of a worker (after fork)."""
         for name in self.configured:
             self.recorder.provider_health(name, True)
+        self.recorder.shared_state_up(self.health.board_up)
+        self.health.start()  # loads the shared board's state before the worker serves
         self.prober.start()
 
     def stop(self):
         self.prober.stop()
+        self.health.stop()
         for provider in self.providers.values():
             provider.close()
 
@@ -87,8 +91,9 @@ def build_gateway(config, table):
     """Build a worker's Gateway from a validated config and alias table."""
     providers = build_providers(config)
     configured = {name: p for name, p in providers.items() if p.configured}
+    board = open_board(config)
     health = HealthCache(configured, threshold=config["FAILURE_THRESHOLD"],
-                         backoff=config["UNHEALTHY_BACKOFF"])
+                         backoff=config["UNHEALTHY_BACKOFF"], board=board)
     redactor = Redactor(config_module.secrets(config))
     inflight = InFlight()
     prober = Prober(configured, health, interval=config["PROBE_INTERVAL"],
@@ -106,6 +111,8 @@ def build_gateway(config, table):
         known.update(e.model for e in alias.chain)
     recorder = Recorder(LabelCap(config["METRICS_LABEL_CAP"], known))
     health.subscribe(recorder.provider_health)
+    if board is not None:
+        board.subscribe(recorder.shared_state_up)
     walker = ChainWalker(providers, health, inflight, recorder, redactor)
     return Gateway(config, providers, AliasRegistry(table), health, prober, walker,
                    recorder, redactor)

@@ -45,6 +45,9 @@ _STRINGS = {
     "GPU_API_KEY": "",
     "CORS_ORIGINS": "",
     "PROMETHEUS_MULTIPROC_DIR": "",
+    # Unset: this instance's own SQLite board; sqlite:///path, redis://host:port/db, memory.
+    "SHARED_STATE_URL": "",
+    "SHARED_STATE_PREFIX": "mana-llm:",
 }
 _BOOLS = {"GPU_REQUIRE_AUTH": True}
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -136,9 +139,31 @@ def _check(config):
     for name in [f"{p.upper()}_API_KEY" for p in CLOUD_PROVIDERS] + ["GPU_API_KEY"]:
         if config[name] and not config[name].isascii():
             raise ConfigError(f"{name} must be ASCII (HTTP headers carry it)")
+    _check_shared_state(config["SHARED_STATE_URL"], config["SHARED_STATE_PREFIX"])
+
+
+def _check_shared_state(url, prefix):
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError("SHARED_STATE_URL has an invalid port") from None
+        if not parts.hostname or parts.path.strip("/") not in ("", *map(str, range(16))):
+            raise ConfigError("SHARED_STATE_URL must be redis://host:port/db (db 0-15)")
+    elif parts.scheme == "sqlite":
+        if parts.netloc or not parts.path.strip("/"):
+            raise ConfigError("SHARED_STATE_URL must be sqlite:///absolute/path/to/file")
+    elif url not in ("", "memory"):
+        raise ConfigError("SHARED_STATE_URL must be unset, memory, sqlite:///path or "
+                          "redis://host:port/db")
+    if not prefix or len(prefix) > 100 or any(c.isspace() for c in prefix):
+        raise ConfigError("SHARED_STATE_PREFIX must be 1-100 characters without spaces")
 
 
 def secrets(config):
     """Return every secret in the config, for redaction."""
     names = [f"{p.upper()}_API_KEY" for p in CLOUD_PROVIDERS] + ["GPU_API_KEY"]
-    return [config[n] for n in names if config.get(n)]
+    found = [config[n] for n in names if config.get(n)]
+    board_password = urlsplit(config.get("SHARED_STATE_URL") or "").password
+    return found + [board_password] if board_password else found

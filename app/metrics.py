@@ -41,6 +41,11 @@ FALLBACKS = Counter("mana_llm_fallback_total",
 # values drop out instead of freezing a stale 0 or 1.
 PROVIDER_HEALTHY = Gauge("mana_llm_provider_healthy", "1 healthy, 0 tripped",
                          ["provider"], multiprocess_mode="livemin")
+# livemin: 0 as soon as one live worker cannot reach the shared board (it
+# then works from its own cache alone); always 1 with SHARED_STATE_URL=memory.
+SHARED_STATE_UP = Gauge("mana_llm_shared_state_up",
+                        "1 when this instance's workers reach the shared board, 0 otherwise",
+                        multiprocess_mode="livemin")
 
 
 class LabelCap:
@@ -110,6 +115,9 @@ class Recorder:
 
     def provider_health(self, provider, healthy):
         PROVIDER_HEALTHY.labels(provider).set(1 if healthy else 0)
+
+    def shared_state_up(self, up):
+        SHARED_STATE_UP.set(1 if up else 0)
 
 
 def render():

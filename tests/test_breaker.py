@@ -310,11 +310,101 @@ def test_probe_success_does_not_clear_failures_of_real_calls(cache):
     assert cache.snapshot()["groq"]["status"] == "unhealthy"
 
 
-def test_probe_success_does_not_cut_a_backoff_short(cache, clock):
+def test_probe_success_makes_the_next_call_the_single_trial_at_once(cache, clock):
     trip(cache)
     clock.advance(BACKOFF / 2)
     cache.record_probe_ok("groq")
-    assert admits(cache) == [False]
+    assert admits(cache, times=3) == [True, False, False]
+
+
+def test_second_probe_after_a_cut_short_backoff_leaves_the_trial_to_a_call(cache, clock):
+    trip(cache)
+    clock.advance(3)
+    cache.record_probe_ok("groq")
+    clock.advance(3)
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["status"] == "unhealthy"
+    assert admits(cache, times=2) == [True, False]
+
+
+def test_idle_provider_whose_probes_answer_recovers_after_a_whole_backoff(cache, clock):
+    trip(cache)
+    clock.advance(3)
+    cache.record_probe_ok("groq")   # cut short, but no call comes to be the trial
+    clock.advance(BACKOFF)
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["status"] == "healthy"
+
+
+def test_probe_success_during_the_backoff_does_not_close_the_breaker(cache, clock):
+    seen = []
+    cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))
+    trip(cache)
+    clock.advance(1)
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["status"] == "unhealthy"
+    assert seen == [("groq", False)]
+
+
+def test_trial_after_a_probe_that_fails_rearms_the_whole_backoff(cache, clock):
+    trip(cache)
+    clock.advance(1)
+    cache.record_probe_ok("groq")          # GET /models answers...
+    assert cache.admit("groq") is True
+    cache.record_failure("groq", "500")    # ...but the real call still fails
+    clock.advance(BACKOFF - 0.001)
+    assert cache.admit("groq") is False
+    clock.advance(0.001)
+    assert cache.admit("groq") is True
+
+
+def test_provider_that_answers_probes_but_fails_calls_stays_out(cache, clock):
+    trip(cache)
+    clock.advance(1)
+    cache.record_probe_ok("groq")
+    assert cache.admit("groq") is True
+    cache.record_failure("groq", "500 on the trial")
+    for _ in range(5):                      # probes keep answering, every 3 s
+        clock.advance(3)
+        cache.record_probe_ok("groq")
+        assert cache.admit("groq") is False
+    clock.advance(BACKOFF - 15)
+    assert cache.admit("groq") is True      # the ordinary trial after the whole backoff
+
+
+def test_failed_probe_lets_the_next_answering_probe_cut_the_backoff_again(cache, clock):
+    trip(cache)
+    cache.record_probe_ok("groq")
+    assert cache.admit("groq") is True
+    cache.record_failure("groq", "trial failed")
+    clock.advance(3)
+    cache.record_failure("groq", "probe: ConnectTimeout", probe=True)  # it went dark
+    clock.advance(3)
+    cache.record_probe_ok("groq")            # and came back
+    assert admits(cache, times=2) == [True, False]
+
+
+def test_is_tripped_covers_backoff_and_half_open(cache, clock):
+    assert cache.is_tripped("groq") is False
+    trip(cache)
+    assert cache.is_tripped("groq") is True
+    clock.advance(BACKOFF)
+    assert cache.is_tripped("groq") is True
+    cache.admit("groq")
+    cache.record_success("groq")
+    assert cache.is_tripped("groq") is False
+
+
+def test_probe_success_then_trial_success_closes_the_breaker(cache, clock):
+    seen = []
+    cache.subscribe(lambda provider, healthy: seen.append((provider, healthy)))
+    trip(cache)
+    clock.advance(2)
+    cache.record_probe_ok("groq")
+    assert cache.admit("groq") is True
+    cache.record_success("groq")
+    assert admits(cache, times=3) == [True, True, True]
+    assert seen == [("groq", False), ("groq", True)]
 
 
 def test_probe_success_after_backoff_closes_the_breaker(cache, clock):
@@ -325,6 +415,23 @@ def test_probe_success_after_backoff_closes_the_breaker(cache, clock):
     cache.record_probe_ok("groq")
     assert admits(cache, times=3) == [True, True, True]
     assert seen == [("groq", False), ("groq", True)]
+
+
+def test_probe_success_leaves_a_running_trial_to_decide(cache, clock):
+    trip(cache)
+    clock.advance(BACKOFF)
+    assert cache.admit("groq") is True
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["status"] == "unhealthy"
+    cache.record_failure("groq", "the trial failed")
+    assert cache.admit("groq") is False
+
+
+def test_probe_success_on_a_healthy_provider_changes_nothing(cache):
+    cache.record_failure("groq", "one")
+    cache.record_probe_ok("groq")
+    assert cache.snapshot()["groq"]["consecutive_failures"] == 1
+    assert admits(cache, times=2) == [True, True]
 
 
 def test_listeners_end_on_the_current_state_when_transitions_race(cache):

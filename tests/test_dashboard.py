@@ -49,6 +49,8 @@ SPEC_METRICS = {
     "mana_llm_fallback_total": ("counter", ("from_model", "to_model", "reason")),
     "mana_llm_provider_healthy": ("gauge", ("provider",)),
 }
+# The shared board's gauges (SPEC §13); the README table and dashboard panel come with it.
+BOARD_METRICS = {"mana_llm_shared_state_up": ("gauge", ())}
 
 METRIC_RE = re.compile(r"mana_llm_[a-z_]+")
 STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -216,7 +218,7 @@ def variable_query(variable):
 
 
 def test_metrics_module_matches_spec_table():
-    assert defined_metrics() == SPEC_METRICS
+    assert defined_metrics() == {**SPEC_METRICS, **BOARD_METRICS}
 
 
 def test_provider_health_gauge_is_livemin():

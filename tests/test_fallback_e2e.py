@@ -120,7 +120,7 @@ def test_500s_trip_then_half_open_lets_one_trial_per_worker(
         gateway_factory, upstreams, tmp_path):
     ollama = upstreams["ollama"]
     server = start(gateway_factory, upstreams, tmp_path, UNHEALTHY_BACKOFF=4,
-                   PROBE_INTERVAL=3600)
+                   PROBE_INTERVAL=3600, SHARED_STATE_URL="memory")  # per-worker breakers
     ollama.behave("status", status=500, path="/api/chat")
     ids, per_worker = [], {}
     # Keep asking until both workers have seen at least 3 requests each.

@@ -23,8 +23,13 @@ def overall(states):
 
 @bp.get("/v1/health")
 def detailed_health():
-    states = provider_states(current_app.extensions["mana_llm"])
-    return jsonify({"status": overall(states), "providers": states})
+    gateway = current_app.extensions["mana_llm"]
+    states = provider_states(gateway)
+    body = {"status": overall(states), "providers": states}
+    board = gateway.health.board_status()  # no board round trip: the last known state
+    if board is not None:
+        body["shared_state"] = board
+    return jsonify(body)
 
 
 @bp.get("/health")
