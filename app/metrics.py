@@ -83,7 +83,7 @@ class Recorder:
         LLM_REQUESTS.labels(entry.provider, model, "true" if streaming else "false").inc()
         LLM_LATENCY.labels(entry.provider, model).observe(seconds)
 
-    def llm_error(self, entry, asked, reason, streaming):
+    def llm_error(self, entry, asked, reason):
         # Error-side metrics carry what the caller asked for.
         LLM_ERRORS.labels(entry.provider, self.cap(asked), reason).inc()
 

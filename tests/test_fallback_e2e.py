@@ -307,7 +307,7 @@ def test_stream_dropped_after_3_chunks_ends_with_error_event(
         {"ollama/gemma3:12b"}
     assert chat_hits(upstreams["groq"]) == 0
     # The failure is logged under the stream's own request id.
-    assert wait_until(lambda: re.search(r"\[dropped-stream\] app\.api\.chat: stream from "
+    assert wait_until(lambda: re.search(r"\[dropped-stream\] app\.streaming: stream from "
                                         r"ollama/gemma3:12b failed", server.log()), timeout=5)
 
 
