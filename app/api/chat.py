@@ -1,6 +1,7 @@
 """``POST /v1/chat/completions``: plain and streamed (SSE)."""
 
 import json
+import os
 import time
 
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
@@ -19,6 +20,14 @@ def server_timing(started, upstream_seconds):
     return f"gateway;dur={gateway * 1000:.2f}, upstream;dur={upstream_seconds * 1000:.2f}"
 
 
+def answer_headers(outcome):
+    """Return the headers every answer carries: which entry and which worker served it."""
+    g.resolved = outcome.entry.label
+    # The worker matters to whoever reads health: each worker keeps its own.
+    return {"X-Mana-LLM-Resolved": outcome.entry.label, "X-Mana-LLM-Worker": str(os.getpid()),
+            "Server-Timing": server_timing(g.started, outcome.upstream_seconds)}
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions():
     gateway = current_app.extensions["mana_llm"]
@@ -30,27 +39,19 @@ def chat_completions():
         route, lambda provider, entry, call: provider.chat(body, entry.model, call))
     answer = outcome.result
     gateway.recorder.tokens(outcome.entry, answer.get("usage"))
-    g.resolved = outcome.entry.label
     return Response(json.dumps(answer, separators=(",", ":")), mimetype="application/json",
-                    headers={"X-Mana-LLM-Resolved": outcome.entry.label,
-                             "Server-Timing": server_timing(g.started,
-                                                            outcome.upstream_seconds)})
+                    headers=answer_headers(outcome))
 
 
 def _stream(gateway, body, route):
     outcome = gateway.walker.walk(
         route, lambda provider, entry, call: prime(provider.stream_chat(body, entry.model, call)),
         streaming=True)
-    g.resolved = outcome.entry.label
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     # The request context stays with the stream, so its log lines keep the request id.
     events = stream_with_context(_frame(outcome.result, include_usage))
     return Response(events, mimetype="text/event-stream", headers={
-        "X-Mana-LLM-Resolved": outcome.entry.label,
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-        "Server-Timing": server_timing(g.started, outcome.upstream_seconds),
-    })
+        **answer_headers(outcome), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _frame(stream, include_usage):
