@@ -43,8 +43,10 @@ class Prober:
     """Probe every configured provider in the background and feed the health cache."""
 
     def __init__(self, providers, health, *, interval, timeout, inflight,
-                 clock=time.monotonic):
+                 clock=time.monotonic, spawn=None):
         self._providers = providers
+        # How a probe is started: its own short thread (tests run it inline).
+        self._spawn = spawn or _in_thread
         self._health = health
         self._interval = interval
         self._timeout = timeout
@@ -81,8 +83,7 @@ class Prober:
         now = self._clock()
         for name in self._providers:
             if self._is_due(name, now):
-                threading.Thread(target=self.probe_one, args=(name,), daemon=True,
-                                 name=f"mana-llm-probe-{name}").start()
+                self._spawn(self.probe_one, name)
 
     def _is_due(self, name, now):
         with self._lock:
@@ -143,3 +144,8 @@ class Prober:
     def _schedule(self, name, delay):
         with self._lock:
             self._due[name] = self._clock() + delay
+
+
+def _in_thread(probe, name):
+    threading.Thread(target=probe, args=(name,), daemon=True,
+                     name=f"mana-llm-probe-{name}").start()
