@@ -88,11 +88,11 @@ def chat_body(body, model, stream):
         options["stop"] = [options["stop"]]  # Ollama takes only a list
     if options:
         request["options"] = options
-    schema = shapes.json_schema_of(body)
-    if (body.get("response_format") or {}).get("type") == "json_object":
+    kind = (body.get("response_format") or {}).get("type")
+    if kind == "json_object":
         request["format"] = "json"
-    elif schema is not None or (body.get("response_format") or {}).get("type") == "json_schema":
-        request["format"] = schema or {}
+    elif kind == "json_schema":
+        request["format"] = shapes.json_schema_of(body) or {}
     if body.get("tools"):
         request["tools"] = body["tools"]
     return request
