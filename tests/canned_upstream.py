@@ -16,19 +16,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-
-class _Headers(dict):
-    def __init__(self, items):
-        super().__init__((k.lower(), v) for k, v in items)
-
-    def __getitem__(self, key):
-        return super().__getitem__(key.lower())
-
-    def __contains__(self, key):
-        return super().__contains__(key.lower())
-
-    def get(self, key, default=None):
-        return super().get(key.lower(), default)
+from tests.fake_upstream import Headers
 
 
 @dataclass
@@ -37,7 +25,7 @@ class Request:
     url: str
     path: str
     params: dict
-    headers: _Headers
+    headers: Headers
     body: bytes
 
 
@@ -117,7 +105,7 @@ class CannedUpstream:
                 parts = urlsplit(self.path)
                 request = Request(self.command, self.path, parts.path,
                                   dict(parse_qsl(parts.query)),
-                                  _Headers(self.headers.items()), body)
+                                  Headers(self.headers.items()), body)
                 upstream.calls.append(Call(request))
                 status, headers, payload, delay = upstream._answer(request)
                 if delay:

@@ -31,14 +31,6 @@ def chain(*entries):
     return {"description": "d", "chain": list(entries)}
 
 
-@pytest.fixture
-def table():
-    return parse_aliases({
-        "aliases": {"mana/fast-text": chain("ollama/qwen2.5:7b", "groq/llama-3.1-8b-instant"),
-                    "mana/long-form": chain("openrouter/anthropic/claude-3.5-sonnet")},
-        "default": "mana/fast-text"})
-
-
 # -- parse_aliases: one case per rule of SPEC §5 -------------------------------------------
 
 @pytest.mark.parametrize("doc, fragments", [

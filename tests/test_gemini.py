@@ -8,7 +8,6 @@ from app import errors
 from app.config import build_config
 from app.providers import build_providers, gemini
 from app.providers.gemini import GeminiProvider
-from tests.canned_upstream import CannedUpstream
 
 BASE = "/v1beta"  # the base URL's path on the canned upstream
 KEY = "test-google-key"
@@ -29,10 +28,8 @@ def answer_with(parts, finish="STOP", **extra):
 
 
 @pytest.fixture
-def mocked():
-    server = CannedUpstream()
-    yield server
-    server.close()
+def mocked(canned):
+    return canned
 
 
 @pytest.fixture
@@ -575,14 +572,18 @@ def test_invalid_api_key_is_an_auth_error(provider, mocked):
         provider.chat({"messages": [user("Hi")]}, "gemini-2.0-flash")
 
 
-def test_retry_delay_in_body_sets_the_cooldown(provider, mocked):
+@pytest.mark.parametrize("delay, wait, header", [("39s", 39, "39"),
+                                                 ("999999999s", 3600, "3600")],
+                         ids=["as-asked", "capped-at-an-hour"])
+def test_retry_delay_in_body_sets_the_cooldown(provider, mocked, delay, wait, header):
     body = gemini_error(429, "RESOURCE_EXHAUSTED", "quota")
     body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                 "retryDelay": "39s"}]
+                                 "retryDelay": delay}]
     mocked.post(f"{BASE}/models/gemini-2.0-flash:generateContent", status=429, json=body)
     with pytest.raises(errors.RateLimited) as caught:
         provider.chat({"messages": [user("Hi")]}, "gemini-2.0-flash")
-    assert caught.value.retry_after == 39
+    assert caught.value.retry_after == wait
+    assert caught.value.headers() == {"Retry-After": header}
 
 
 def test_blocked_answer_over_the_wire(provider, mocked):
@@ -680,17 +681,6 @@ def test_probe_counts_any_answer_below_500_as_alive(provider, mocked, status, al
         with pytest.raises(errors.UpstreamError):
             provider.probe(3)
     assert_key_in_header_only(mocked.calls[0])
-
-
-def test_retry_delay_is_capped_at_an_hour(provider, mocked):
-    body = gemini_error(429, "RESOURCE_EXHAUSTED", "quota")
-    body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                 "retryDelay": "999999999s"}]
-    mocked.post(f"{BASE}/models/gemini-2.0-flash:generateContent", status=429, json=body)
-    with pytest.raises(errors.RateLimited) as caught:
-        provider.chat({"messages": [user("Hi")]}, "gemini-2.0-flash")
-    assert caught.value.retry_after == 3600
-    assert caught.value.headers() == {"Retry-After": "3600"}
 
 
 # ---- requests that cannot be translated: the caller's 400, nothing sent ------------------

@@ -18,7 +18,6 @@ from app.providers.transport import Transport
 from app.providers.ollama import StreamTranslator, chat_body, supports_tools, translate_answer
 from app.providers.openai_compat import translate_chunk, translate_completion, upstream_body
 from app.redact import Redactor
-from tests.canned_upstream import CannedUpstream
 
 GROQ = "/groq/v1"       # base URL paths on the canned upstream
 OLLAMA = "/ollama"
@@ -312,10 +311,8 @@ def test_translate_chunk_raises_on_in_stream_error(event):
 # -- Transport: upstream HTTP answers become our errors -----------------------------------
 
 @pytest.fixture
-def upstream():
-    server = CannedUpstream()
-    yield server
-    server.close()
+def upstream(canned):
+    return canned
 
 
 def providers_for(url, **config):

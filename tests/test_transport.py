@@ -12,17 +12,9 @@ from app import errors
 from app.config import build_config
 from app.providers import build_providers
 from app.providers.transport import Transport, socket_of
-from tests.canned_upstream import CannedUpstream
 from tests.fake_upstream import FakeUpstream
 
 BODY = {"messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture
-def canned():
-    server = CannedUpstream()
-    yield server
-    server.close()
 
 
 def transport(url, **kw):
