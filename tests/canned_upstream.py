@@ -10,6 +10,7 @@ is recorded in ``calls``, each with a ``request`` that has ``url``, ``path``,
 """
 
 import json as jsonlib
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,15 @@ class Canned:
     delay: float = 0.0          # seconds before the answer
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client that left (a test's read timeout, say) is not the server's error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class CannedUpstream:
     """Answer registered requests on 127.0.0.1; record every request."""
 
@@ -50,8 +60,7 @@ class CannedUpstream:
         self.calls = []
         self._canned = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
 
