@@ -2,6 +2,8 @@
 
 import json
 import socket
+import ssl
+import subprocess
 import threading
 import time
 
@@ -12,6 +14,7 @@ from app import errors
 from app.config import build_config
 from app.providers import build_providers
 from app.providers.transport import Transport, socket_of
+from tests.conftest import wait_until
 from tests.fake_upstream import FakeUpstream
 
 BODY = {"messages": [{"role": "user", "content": "hi"}]}
@@ -181,3 +184,34 @@ def test_abandoned_stream_closes_its_connection():
         next(stream)
         stream.close()
         assert fake.wait_for(lambda: fake.stream_write_failures >= 1, timeout=5)
+
+
+def test_an_upstream_whose_certificate_is_not_trusted_is_refused(tmp_path):
+    # A self-signed certificate for 127.0.0.1: the connection must fail, not be used.
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    handshakes = []
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            with context.wrap_socket(conn, server_side=True):
+                handshakes.append("completed")
+        except (ssl.SSLError, OSError):
+            handshakes.append("refused")
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        with pytest.raises(errors.UpstreamUnavailable) as caught:
+            transport(url).fetch("GET", "/models")
+    finally:
+        listener.close()
+    assert caught.value.reason == "ConnectionError"
+    assert wait_until(lambda: handshakes, timeout=10) == ["refused"]
