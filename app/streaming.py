@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
 # An SSE or NDJSON line longer than this is a broken upstream, not an answer.
 MAX_LINE = 1024 * 1024
+# What may be held back (as JSON) before a stream's first chunk with content.
+MAX_HEAD = 1024 * 1024
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -101,14 +103,25 @@ class PrimedStream:
         self.rest.close()
 
 
-def prime(chunks):
-    """Read ``chunks`` until one has content; return a PrimedStream or raise."""
-    head = []
+def prime(chunks, max_head=MAX_HEAD):
+    """Read ``chunks`` until one has content; return a PrimedStream or raise.
+
+    What comes before it is held back, so it is bounded: an upstream that
+    sends endless empty events fails this entry instead of growing the
+    worker. (The wait for it is bounded too: the call's deadline, set by
+    the transport, is enforced while the walk is priming.)
+    """
+    head, size = [], 0
     try:
         for chunk in chunks:
             head.append(chunk)
             if has_content(chunk):
                 return PrimedStream(head, chunks)
+            size += len(json.dumps(chunk, separators=(",", ":")))
+            if size > max_head:
+                raise errors.UpstreamError(
+                    f"upstream stream sent over {max_head} bytes before any content",
+                    reason="malformed-response")
     except BaseException:
         chunks.close()
         raise

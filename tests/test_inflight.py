@@ -171,3 +171,48 @@ def test_deadlines_abort_only_late_calls(clock):
     clock.advance(2)
     inflight.enforce_deadlines()
     assert (late.aborted, early.aborted, open_ended.aborted) == ("ReadTimeout", None, None)
+
+
+class EmptyEvents:
+    """Answers a stream of SSE events without content, one every 0.1 s (8 s at most)."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        self.sent = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+            for _ in range(80):
+                try:
+                    conn.sendall(b'data: {"choices": []}\n\n')
+                    self.sent += 1
+                except OSError:
+                    return
+                threading.Event().wait(0.1)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_the_wait_for_a_streams_first_content_is_bounded_by_the_read_timeout(ticking):
+    from app.streaming import prime
+
+    server = EmptyEvents()
+    provider = build_providers(build_config({
+        "GROQ_API_KEY": "k", "GROQ_BASE_URL": server.url, "UPSTREAM_TIMEOUT": 1,
+        "STREAM_IDLE_TIMEOUT": 30}))["groq"]
+    call = ticking.begin("groq")
+    try:
+        with pytest.raises(errors.UpstreamUnavailable) as caught:
+            prime(provider.stream_chat(dict(BODY), "m", call))
+        # Events kept coming (the idle timeout never fired): only the deadline ended it.
+        assert caught.value.reason == "ReadTimeout"
+        assert server.sent < 80
+    finally:
+        ticking.end(call)
+        server.close()

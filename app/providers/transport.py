@@ -174,7 +174,7 @@ class Transport:
                 exchange.sock.settimeout(remaining)
                 data = exchange.response.read1(READ_SIZE)
                 if not data:
-                    complete = True
+                    complete = not _aborted(exchange.call)
                     break
                 size += len(data)
                 parts.append(data)
@@ -182,6 +182,8 @@ class Transport:
             self._checkin(exchange, reusable=False)
             raise self.failure(exc, exchange.call, "body", timeout) from None
         self._checkin(exchange, reusable=complete)
+        if _aborted(exchange.call):
+            raise aborted_error(self.provider, exchange.call.aborted)
         if not complete:
             raise errors.UpstreamError(
                 f"{self.provider}: answer larger than {self.max_answer_bytes} bytes",
@@ -189,7 +191,14 @@ class Transport:
         return b"".join(parts)
 
     def open_stream(self, path, data, *, call=None, idle_timeout, params=None):
-        """Start a streamed request: an ``UpstreamStream`` on 2xx, else the whole ``Reply``."""
+        """Start a streamed request: an ``UpstreamStream`` on 2xx, else the whole ``Reply``.
+
+        The read timeout bounds the wait for the stream's first content: the
+        call's deadline is enforced while the walk is priming the stream
+        and no longer once the walk has committed to it (the call ends).
+        """
+        if call is not None:
+            call.deadline = time.monotonic() + self.read_timeout
         exchange = self._send("POST", path, data, call=call, timeout=idle_timeout,
                               params=params)
         status = exchange.response.status
@@ -230,6 +239,10 @@ class Transport:
                                     " closed early", reason="closed-early")
 
 
+def _aborted(call):
+    return call is not None and call.aborted is not None
+
+
 def aborted_error(provider, reason):
     """Return the error for a call aborted from outside (inflight.py)."""
     if reason == "ReadTimeout":
@@ -252,16 +265,17 @@ class UpstreamStream:
 
     def chunks(self):
         """Yield the body's bytes as they arrive; failures become our errors."""
-        response = self._exchange.response
+        response, call = self._exchange.response, self._exchange.call
         try:
             while True:
                 data = response.read1(READ_SIZE)
                 if not data:
-                    return
+                    break
                 yield data
         except TRANSPORT_ERRORS as exc:
-            raise self._transport.failure(exc, self._exchange.call, "stream",
-                                          self.idle_timeout) from None
+            raise self._transport.failure(exc, call, "stream", self.idle_timeout) from None
+        if _aborted(call):  # a shut-down socket reads as the end of the body
+            raise aborted_error(self._transport.provider, call.aborted)
 
     def close(self):
         """End the stream; a finished one first reads its last bytes so the
