@@ -212,3 +212,15 @@ def test_provider_prefix_is_case_insensitive(stack, model):
     raw = stack.client().chat.completions.with_raw_response.create(model=model, messages=USER)
     assert raw.headers["X-Mana-LLM-Resolved"] == model.split("/")[0].lower() + "/" + \
         model.split("/", 1)[1]
+
+
+def test_vision_alias_skips_an_entry_that_takes_no_image_urls(stack):
+    content = [{"type": "text", "text": "What is this?"},
+               {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="mana/vision", messages=[{"role": "user", "content": content}])
+    assert raw.headers["X-Mana-LLM-Resolved"] == "openrouter/openai/gpt-4o-mini"
+    assert stack.fakes["ollama"].hits("/api/chat") == 0
+    sent = last_json(stack.fakes["openrouter"], "/chat/completions")
+    assert sent["messages"][0]["content"][1]["image_url"]["url"] == \
+        "https://example.com/cat.png"

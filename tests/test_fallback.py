@@ -202,8 +202,7 @@ def test_every_entry_404_is_model_not_found(walker):
     errors.UpstreamInvalidRequest("context length exceeded", reason="HTTP 400"),
     errors.UpstreamAuthError("groq refused the gateway's credentials (401)"),
     errors.Blocked("refused on safety grounds"),
-    errors.CapabilityError("ollama/gemma3:4b does not support tools"),
-], ids=["upstream-400", "upstream-401", "blocked", "capability"])
+], ids=["upstream-400", "upstream-401", "blocked"])
 def test_non_retryable_error_stops_the_walk(walker, health, recorder, error):
     call = Script(ollama=error, groq="unused")
     with pytest.raises(type(error)) as caught:
@@ -213,6 +212,45 @@ def test_non_retryable_error_stops_the_walk(walker, health, recorder, error):
     state = health.snapshot()["ollama"]
     assert (state["status"], state["consecutive_failures"], state["last_error"]) == (
         "healthy", 0, None)
+
+
+CANNOT = errors.CapabilityError("ollama/gemma3:4b does not support tools", param="tools")
+
+
+def test_an_alias_entry_that_cannot_serve_the_request_is_skipped(walker, health, recorder):
+    call = Script(ollama=CANNOT, groq="answer")
+    outcome = walk(walker, chain("ollama", "groq"), call)
+    assert (outcome.result, outcome.entry.provider) == ("answer", "groq")
+    assert attempts_of(recorder) == [("ollama/model-ollama", "capability")]
+    state = health.snapshot()["ollama"]
+    assert (state["status"], state["consecutive_failures"]) == ("healthy", 0)
+
+
+def test_a_model_named_directly_that_cannot_serve_it_is_a_capability_error(walker):
+    call = Script(ollama=CANNOT)
+    with pytest.raises(errors.CapabilityError) as caught:
+        walker.walk(Route("ollama/model-ollama", None, tuple(chain("ollama"))), call)
+    assert caught.value is CANNOT
+
+
+def test_an_alias_no_entry_of_which_can_serve_it_is_a_capability_error(
+        health, inflight, recorder):
+    walker = make_walker(health, inflight, recorder, unconfigured=("openai",))
+    other = errors.CapabilityError("groq/model-groq cannot either")
+    call = Script(ollama=CANNOT, groq=other)
+    with pytest.raises(errors.CapabilityError) as caught:
+        walk(walker, chain("ollama", "openai", "groq"), call)
+    assert caught.value is CANNOT
+    assert (caught.value.status, caught.value.kind) == (400, "capability")
+
+
+def test_entries_that_cannot_serve_it_beside_ones_that_failed_is_exhaustion(walker):
+    call = Script(ollama=CANNOT, groq=errors.UpstreamError("HTTP 500", reason="HTTP 500"))
+    with pytest.raises(errors.ChainExhausted) as caught:
+        walk(walker, chain("ollama", "groq"), call)
+    assert caught.value.attempts == [
+        {"model": "ollama/model-ollama", "reason": "capability"},
+        {"model": "groq/model-groq", "reason": "HTTP 500"}]
 
 
 def test_non_retryable_error_ends_a_half_open_trial(walker, health, clock):

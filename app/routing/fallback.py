@@ -59,6 +59,7 @@ class ChainWalker:
         """
         attempts = []
         served = None
+        refused = []    # CapabilityErrors of entries that cannot serve this request
         try:
             for index, entry in enumerate(route.entries):
                 provider = self._providers.get(entry.provider)
@@ -70,12 +71,21 @@ class ChainWalker:
                     attempts.append(Attempt(entry.label, "cache-unhealthy", index,
                                             retry_after=wait))
                     continue
-                outcome = self._try(provider, entry, ask, attempts, index, route.asked,
-                                    streaming)
+                try:
+                    outcome = self._try(provider, entry, ask, attempts, index, route.asked,
+                                        streaming)
+                except errors.CapabilityError as error:
+                    if route.alias is None:
+                        raise
+                    # In an alias, an entry that cannot serve this request is
+                    # skipped; a later one may (another model, URLs allowed).
+                    refused.append(error)
+                    attempts.append(Attempt(entry.label, error.reason, index))
+                    continue
                 if outcome is not None:
                     served = entry
                     return outcome
-            raise exhausted(attempts, route.asked)
+            raise exhausted(attempts, route.asked, refused)
         finally:
             self._recorder.chain_done(attempts, route.entries, route.alias, served)
 
@@ -131,8 +141,10 @@ class ChainWalker:
             self._record_failure(entry, error, asked)
 
 
-def exhausted(attempts, asked):
+def exhausted(attempts, asked, refused=()):
     """Return the error for a chain whose every entry was skipped or failed."""
+    if refused and all(a.reason in ("capability", "unconfigured") for a in attempts):
+        return refused[0]   # no entry could serve it: the caller must change the request
     made = [a for a in attempts if a.made]
     public = [a.public() for a in attempts]
     if made and all(a.reason == errors.UpstreamModelNotFound.reason for a in made):
