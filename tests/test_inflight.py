@@ -18,36 +18,49 @@ from tests.fake_upstream import FakeUpstream
 BODY = {"messages": [{"role": "user", "content": "hi"}]}
 
 
-class HeaderTrickler:
-    """Answers a status line, then one header line every ``interval`` seconds (8 s at most)."""
+class Dribbler:
+    """Answers ``head``, then ``line`` every ``interval`` seconds (8 s at most), one client."""
 
-    def __init__(self, interval=0.2):
-        self.interval = interval
+    def __init__(self, head, line, interval):
+        self.head, self.line, self.interval = head, line, interval
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
         self.stop = threading.Event()
-        self.lines_sent = 0
-        self.client_left = threading.Event()
+        self.sent = 0
         threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def most(self):
+        return int(8 / self.interval)
 
     def _serve(self):
         conn, _ = self.listener.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\n")
-            for _ in range(int(8 / self.interval)):
+            conn.sendall(self.head)
+            for _ in range(self.most):
                 if self.stop.wait(self.interval):
                     return
                 try:
-                    conn.sendall(b"X-Slow: 1\r\n")
-                    self.lines_sent += 1
+                    conn.sendall(self.line)
+                    self.sent += 1
                 except OSError:
-                    self.client_left.set()
                     return
 
     def close(self):
         self.stop.set()
         self.listener.close()
+
+
+def header_trickler():
+    """A status line, then one header line every 0.2 s: the head never completes."""
+    return Dribbler(b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n", 0.2)
+
+
+def empty_events():
+    """A stream whose events carry no content, one every 0.1 s."""
+    return Dribbler(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n",
+                    b'data: {"choices": []}\n\n', 0.1)
 
 
 @pytest.fixture
@@ -66,7 +79,7 @@ def ticking():
 
 
 def test_trickled_headers_cannot_outlast_the_read_timeout(ticking):
-    server = HeaderTrickler()
+    server = header_trickler()
     provider = build_providers(build_config({
         "GROQ_API_KEY": "k", "GROQ_BASE_URL": server.url, "UPSTREAM_TIMEOUT": 1}))["groq"]
     call = ticking.begin("groq")
@@ -77,7 +90,7 @@ def test_trickled_headers_cannot_outlast_the_read_timeout(ticking):
         # deadline, enforced from outside, can have ended the call early.
         assert caught.value.reason == "ReadTimeout"
         assert call.aborted == "ReadTimeout"
-        assert server.lines_sent < 8 / server.interval
+        assert server.sent < server.most
     finally:
         ticking.end(call)
         server.close()
@@ -173,36 +186,10 @@ def test_deadlines_abort_only_late_calls(clock):
     assert (late.aborted, early.aborted, open_ended.aborted) == ("ReadTimeout", None, None)
 
 
-class EmptyEvents:
-    """Answers a stream of SSE events without content, one every 0.1 s (8 s at most)."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
-        self.sent = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        conn, _ = self.listener.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
-            for _ in range(80):
-                try:
-                    conn.sendall(b'data: {"choices": []}\n\n')
-                    self.sent += 1
-                except OSError:
-                    return
-                threading.Event().wait(0.1)
-
-    def close(self):
-        self.listener.close()
-
-
 def test_the_wait_for_a_streams_first_content_is_bounded_by_the_read_timeout(ticking):
     from app.streaming import prime
 
-    server = EmptyEvents()
+    server = empty_events()
     provider = build_providers(build_config({
         "GROQ_API_KEY": "k", "GROQ_BASE_URL": server.url, "UPSTREAM_TIMEOUT": 1,
         "STREAM_IDLE_TIMEOUT": 30}))["groq"]
@@ -212,7 +199,7 @@ def test_the_wait_for_a_streams_first_content_is_bounded_by_the_read_timeout(tic
             prime(provider.stream_chat(dict(BODY), "m", call))
         # Events kept coming (the idle timeout never fired): only the deadline ended it.
         assert caught.value.reason == "ReadTimeout"
-        assert server.sent < 80
+        assert server.sent < server.most
     finally:
         ticking.end(call)
         server.close()
