@@ -162,6 +162,12 @@ class UpstreamUnavailable(UpstreamError):
     """The upstream could not be reached or did not answer in time."""
 
 
+class CallerLeft(GatewayError):
+    """The caller closed its connection: the call was abandoned; nobody is told."""
+
+    reason = "caller-left"
+
+
 class RateLimited(GatewayError):
     """The upstream (or every upstream tried) is rate-limiting us."""
 

@@ -137,14 +137,16 @@ class CommittedStream:
     ``GatewayError`` after commit is a failure counted against it (and
     raised on, so the view can tell the caller), and either way, or when
     the caller leaves, the upstream is closed. ``settle(error_or_None)``
-    is the walker's bookkeeping for the entry; ``recorder`` counts tokens.
+    is the walker's bookkeeping for the entry; ``recorder`` counts tokens;
+    ``on_close()`` is called once when the stream is done.
     """
 
-    def __init__(self, primed, entry, settle, recorder):
+    def __init__(self, primed, entry, settle, recorder, on_close=None):
         self.entry = entry
         self._primed = primed
         self._settle = settle
         self._recorder = recorder
+        self._on_close = on_close
         self._chunks = self._relay()
 
     def __iter__(self):
@@ -166,9 +168,15 @@ class CommittedStream:
         else:
             self._settle(None)
         finally:
-            self._primed.close()
+            self._end()
 
     def close(self):
         """Close the upstream (at once if the stream is still running)."""
         self._chunks.close()
+        self._end()
+
+    def _end(self):
         self._primed.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None

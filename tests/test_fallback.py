@@ -35,6 +35,13 @@ class StubInFlight:
         assert token in self.open
         del self.open[token]
 
+    def watch(self, token, caller):
+        self.watched = (token, caller)
+
+    def unwatch(self, token):
+        assert self.watched[0] == token
+        self.watched = None
+
 
 class RecordingRecorder:
     def __init__(self):
@@ -459,3 +466,12 @@ def test_a_stream_the_caller_leaves_is_closed_and_says_nothing(walker, health, r
     assert closed == [True]
     state = health.snapshot()["ollama"]
     assert (state["consecutive_failures"], recorder.errors) == (0, [])
+
+
+def test_a_committed_stream_is_watched_for_its_caller_until_it_ends(walker, inflight):
+    gen, closed = upstream(chunk("hi"), chunk(finish="stop"))
+    stream = walker.walk(Route("m", None, tuple(chain("ollama"))), lambda p, e, c: prime(gen),
+                         streaming=True, caller="the caller's socket").result
+    assert inflight.watched == (1, "the caller's socket")
+    list(stream)
+    assert inflight.watched is None

@@ -368,3 +368,22 @@ def test_streams_that_break_mid_way_trip_the_provider(app_factory, upstreams, tm
         assert '"error"' in body and body.rstrip().endswith("data: [DONE]")
     health = app.extensions["mana_llm"].health.snapshot()["ollama"]
     assert health["status"] == "unhealthy" and health["consecutive_failures"] == 2
+
+
+def test_a_caller_leaving_a_silent_stream_closes_its_upstream(
+        gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)
+    fake = upstreams["ollama"]
+    fake.behave("stall_after", chunks=3, path="/api/chat")  # then silent for 120 s
+    response = stream(server)
+    lines = response.iter_lines()
+    seen = 0
+    while seen < 3:
+        line = next(lines)
+        seen += line.startswith(b"data: {") and b'"content"' in line
+    response.close()
+    # The stream idle timeout is 60 s and the stall 120 s: only the watch closes it now.
+    assert fake.wait_for(lambda: fake.client_disconnects >= 1, timeout=30)
+    for _ in range(6):
+        health = requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
+        assert (health["status"], health["consecutive_failures"]) == ("healthy", 0)

@@ -203,3 +203,44 @@ def test_the_wait_for_a_streams_first_content_is_bounded_by_the_read_timeout(tic
     finally:
         ticking.end(call)
         server.close()
+
+
+def test_a_caller_is_gone_only_once_its_peer_closed():
+    from app.providers.inflight import caller_left
+
+    left, right = socket.socketpair()
+    with left:
+        assert not caller_left(left)
+        right.sendall(b"GET / HTTP/1.1\r\n")  # it talks: still there, and nothing is read
+        assert not caller_left(left)
+        assert left.recv(64) == b"GET / HTTP/1.1\r\n"
+        right.close()
+        assert caller_left(left)
+
+
+def test_a_watched_stream_is_aborted_when_its_caller_leaves():
+    inflight = InFlight()
+    call, other = inflight.begin("groq"), inflight.begin("groq")
+    inflight.end(call)  # committed: the walk is over, the stream goes on
+    left, right = socket.socketpair()
+    mine, theirs = socket.socketpair()
+    with left, mine, theirs:
+        inflight.watch(call, left)
+        inflight.watch(other, mine)
+        inflight.abort_orphans()
+        assert (call.aborted, other.aborted) == (None, None)
+        right.close()
+        inflight.abort_orphans()
+        assert (call.aborted, other.aborted) == ("caller-left", None)
+
+
+def test_an_unwatched_stream_is_left_alone():
+    inflight = InFlight()
+    call = inflight.begin("groq")
+    left, right = socket.socketpair()
+    with left:
+        inflight.watch(call, left)
+        inflight.unwatch(call)
+        right.close()
+        inflight.abort_orphans()
+        assert call.aborted is None

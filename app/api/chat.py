@@ -50,9 +50,10 @@ def chat_completions():
 
 
 def _stream(gateway, body, route):
+    # The caller's socket (gunicorn's): a stream whose caller left is closed at once.
     outcome = gateway.walker.walk(
         route, lambda provider, entry, call: prime(provider.stream_chat(body, entry.model, call)),
-        streaming=True)
+        streaming=True, caller=request.environ.get("gunicorn.socket"))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     # The request context stays with the stream, so its log lines keep the request id.
     events = stream_with_context(_frame(outcome.result, include_usage))

@@ -9,7 +9,11 @@ by the prober's tick, through the socket of the call:
   second cannot hold a thread for hours);
 - when a provider trips, the calls still waiting on it are aborted, so
   their callers move on to the next entry of their chain at once instead
-  of each waiting out its read timeout.
+  of each waiting out its read timeout;
+- when the caller of a committed stream has gone while its upstream is
+  silent, the stream's call is aborted, so the thread and the upstream's
+  generation are freed now rather than when the upstream speaks again
+  (the thread is blocked on the upstream and cannot see the caller go).
 
 The walker registers a ``Call`` and passes it, as an argument, down to
 the transport, which attaches the socket it waits on and detaches it
@@ -18,6 +22,7 @@ socket down; the blocked read returns, and the transport reports the
 call with the reason it was aborted for.
 """
 
+import select
 import socket
 import threading
 import time
@@ -77,6 +82,7 @@ class InFlight:
         self._clock = clock
         self._lock = threading.Lock()
         self._calls = {}
+        self._watched = {}   # call of a committed stream -> its caller's socket
 
     def begin(self, provider):
         """Register a call to ``provider``; return it (pass it to the provider)."""
@@ -109,3 +115,32 @@ class InFlight:
                     if c.deadline is not None and now > c.deadline]
         for call in late:
             call.abort("ReadTimeout")
+
+    def watch(self, call, caller):
+        """Abort ``call`` (a committed stream's) if the ``caller`` socket closes."""
+        with self._lock:
+            self._watched[call] = caller
+
+    def unwatch(self, call):
+        with self._lock:
+            self._watched.pop(call, None)
+
+    def abort_orphans(self):
+        """Abort the watched calls whose caller has closed its connection."""
+        with self._lock:
+            watched = list(self._watched.items())
+        for call, caller in watched:
+            if caller_left(caller):
+                call.abort("caller-left")
+
+
+def caller_left(sock):
+    """Tell whether the peer of ``sock`` closed it (readable, and at its end)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        # Peeking leaves whatever the caller sent for the worker to read.
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset, or already closed by the worker
+        return True

@@ -245,6 +245,8 @@ def _aborted(call):
 
 def aborted_error(provider, reason):
     """Return the error for a call aborted from outside (inflight.py)."""
+    if reason == errors.CallerLeft.reason:
+        return errors.CallerLeft(f"{provider}: call abandoned, the caller left")
     if reason == "ReadTimeout":
         return errors.UpstreamUnavailable(
             f"{provider}: response not complete within the read timeout", reason="ReadTimeout")

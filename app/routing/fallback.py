@@ -50,12 +50,13 @@ class ChainWalker:
         self._inflight = inflight
         self._recorder = recorder
 
-    def walk(self, route, ask, *, streaming=False):
+    def walk(self, route, ask, *, streaming=False, caller=None):
         """Return the Outcome of the first entry whose ``ask(provider, entry, call)`` succeeds.
 
         ``call`` is the in-flight registration to pass down to the
         transport. With ``streaming``, ``ask`` returns a primed stream and
-        the result is a ``CommittedStream`` that keeps its own books.
+        the result is a ``CommittedStream`` that keeps its own books; if the
+        ``caller`` socket closes while the stream runs, its call is aborted.
         """
         attempts = []
         served = None
@@ -73,7 +74,7 @@ class ChainWalker:
                     continue
                 try:
                     outcome = self._try(provider, entry, ask, attempts, index, route.asked,
-                                        streaming)
+                                        streaming, caller)
                 except errors.CapabilityError as error:
                     if route.alias is None:
                         raise
@@ -89,7 +90,7 @@ class ChainWalker:
         finally:
             self._recorder.chain_done(attempts, route.entries, route.alias, served)
 
-    def _try(self, provider, entry, ask, attempts, index, asked, streaming):
+    def _try(self, provider, entry, ask, attempts, index, asked, streaming, caller):
         started = time.perf_counter()
         call = self._inflight.begin(entry.provider)
         try:
@@ -116,12 +117,20 @@ class ChainWalker:
             # success when it ends cleanly, so a provider that breaks every
             # stream mid-way still trips.
             self._health.release(entry.provider)
-            settle = functools.partial(self._settle_stream, entry, asked)
-            result = CommittedStream(result, entry, settle, self._recorder)
+            result = self._commit(result, entry, asked, call, caller)
         else:
             self._health.record_success(entry.provider)
         self._recorder.llm_success(entry, streaming, seconds)
         return Outcome(entry, result, attempts, seconds)
+
+    def _commit(self, primed, entry, asked, call, caller):
+        """Return the CommittedStream for a primed stream; watch its caller, if known."""
+        on_close = None
+        if caller is not None:
+            self._inflight.watch(call, caller)
+            on_close = functools.partial(self._inflight.unwatch, call)
+        settle = functools.partial(self._settle_stream, entry, asked)
+        return CommittedStream(primed, entry, settle, self._recorder, on_close)
 
     def _record_failure(self, entry, error, asked):
         """Tell the metrics and the health cache what a failed call says about the provider."""

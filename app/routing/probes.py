@@ -74,6 +74,7 @@ class Prober:
     def _loop(self):
         while True:
             self._inflight.enforce_deadlines()
+            self._inflight.abort_orphans()
             self.probe_due()
             if self._stop.wait(TICK):
                 return
