@@ -1,7 +1,7 @@
 """mana-llm: an OpenAI-compatible LLM gateway with health-aware fallback.
 
 ``create_app`` builds everything a worker needs (config, provider
-adapters, alias registry, health cache, prober, chain walker, metrics
+adapters, alias table, health cache, prober, chain walker, metrics
 recorder), hangs it on ``app.extensions["mana_llm"]`` and registers the
 blueprints. Nothing is started here: gunicorn's ``post_worker_init``
 hook calls ``Gateway.start`` after fork, because threads do not survive
@@ -23,7 +23,7 @@ from app.providers import KNOWN_PROVIDERS, build_providers
 from app.providers.inflight import InFlight
 from app.redact import Redactor
 from app.request_log import configure_logging, install_request_log
-from app.routing.aliases import AliasRegistry, load_aliases, parse_aliases
+from app.routing.aliases import AliasTable, load_aliases, parse_aliases, resolve_chain
 from app.routing.board import open_board
 from app.routing.breaker import HealthCache
 from app.routing.fallback import ChainWalker
@@ -38,16 +38,17 @@ class Gateway:
 
     config: dict
     providers: dict
-    aliases: AliasRegistry
+    configured: dict        # the providers that have what they need to be called
+    aliases: AliasTable     # a reload replaces the workers, never the table
     health: HealthCache
     prober: Prober
     walker: ChainWalker
     recorder: Recorder
     redactor: Redactor
 
-    @property
-    def configured(self):
-        return {name: p for name, p in self.providers.items() if p.configured}
+    def route(self, model):
+        """Return the Route for a request's model string (the default when it is empty)."""
+        return resolve_chain(model, self.aliases, KNOWN_PROVIDERS)
 
     def start(self):
         """Start the background work of a worker (after fork)."""
@@ -89,33 +90,31 @@ def load_settings(test_config=None):
 
 def build_gateway(config, table):
     """Build a worker's Gateway from a validated config and alias table."""
-    providers = build_providers(config)
+    redactor = Redactor(config_module.secrets(config))
+    providers = build_providers(config, redactor)
     configured = {name: p for name, p in providers.items() if p.configured}
     board = open_board(config)
     health = HealthCache(configured, threshold=config["FAILURE_THRESHOLD"],
                          backoff=config["UNHEALTHY_BACKOFF"], board=board)
-    redactor = Redactor(config_module.secrets(config))
     inflight = InFlight()
     prober = Prober(configured, health, interval=config["PROBE_INTERVAL"],
-                    timeout=config["PROBE_TIMEOUT"], redactor=redactor, inflight=inflight)
+                    timeout=config["PROBE_TIMEOUT"], inflight=inflight)
+    recorder = Recorder(LabelCap(config["METRICS_LABEL_CAP"], _known_labels(table)))
+    health.subscribe(recorder.provider_health)
+    if board is not None:
+        board.subscribe(recorder.shared_state_up)
+    walker = ChainWalker(providers, health, inflight, recorder)
+    return Gateway(config, providers, configured, table, health, prober, walker, recorder,
+                   redactor)
 
-    def abandon_calls_on_trip(name, healthy):
-        # Callers still waiting on a provider that just tripped move on now.
-        if not healthy:
-            inflight.abort_provider(name, "provider-tripped")
 
-    health.subscribe(abandon_calls_on_trip)
+def _known_labels(table):
+    """Return the label values that never count against the metrics' cap."""
     known = {""} | set(table.aliases)
     for alias in table.aliases.values():
         known.update(e.label for e in alias.chain)
         known.update(e.model for e in alias.chain)
-    recorder = Recorder(LabelCap(config["METRICS_LABEL_CAP"], known))
-    health.subscribe(recorder.provider_health)
-    if board is not None:
-        board.subscribe(recorder.shared_state_up)
-    walker = ChainWalker(providers, health, inflight, recorder, redactor)
-    return Gateway(config, providers, AliasRegistry(table), health, prober, walker,
-                   recorder, redactor)
+    return known
 
 
 def create_app(test_config=None):
@@ -130,7 +129,7 @@ def create_app(test_config=None):
     install_request_log(app, gateway.recorder)
     install_auth(app, cfg["GPU_API_KEY"], cfg["GPU_REQUIRE_AUTH"])
     install_cors(app, cfg["CORS_ORIGINS"])
-    register_error_handlers(app, gateway.redactor)
+    register_error_handlers(app)
     _register_blueprints(app)
     return app
 

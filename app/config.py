@@ -9,17 +9,12 @@ exactly the same checks.
 import os
 from urllib.parse import urlsplit
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from app.providers import REGISTRY
 
-# Cloud providers speaking the OpenAI wire format, and Gemini's REST API.
-# name -> default base URL. Ollama is always configured.
-CLOUD_PROVIDERS = {
-    "openrouter": "https://openrouter.ai/api/v1",
-    "groq": "https://api.groq.com/openai/v1",
-    "together": "https://api.together.xyz/v1",
-    "openai": "https://api.openai.com/v1",
-    "google": "https://generativelanguage.googleapis.com/v1beta",
-}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each provider's variables (base URL, API key) come from the provider registry.
+_URL_VARS = tuple(facts.url_var for facts in REGISTRY.values())
+_KEY_VARS = tuple(facts.key_var for facts in REGISTRY.values() if facts.key_var)
 
 _FLOATS = {
     "CONNECT_TIMEOUT": 3.0,
@@ -41,7 +36,6 @@ _INTS = {
 _STRINGS = {
     "LOG_LEVEL": "info",
     "ALIASES_PATH": os.path.join(REPO_ROOT, "aliases.yaml"),
-    "OLLAMA_URL": "http://localhost:11434",
     "GPU_API_KEY": "",
     "CORS_ORIGINS": "",
     "PROMETHEUS_MULTIPROC_DIR": "",
@@ -50,11 +44,9 @@ _STRINGS = {
     "SHARED_STATE_PREFIX": "mana-llm:",
 }
 _BOOLS = {"GPU_REQUIRE_AUTH": True}
+_STRINGS.update({facts.url_var: facts.default_url for facts in REGISTRY.values()})
+_STRINGS.update({name: "" for name in _KEY_VARS})
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-for _name, _url in CLOUD_PROVIDERS.items():
-    _STRINGS[f"{_name.upper()}_API_KEY"] = ""
-    _STRINGS[f"{_name.upper()}_BASE_URL"] = _url
 
 
 class ConfigError(ValueError):
@@ -132,11 +124,11 @@ def _check(config):
             raise ConfigError(f"{name} must be at least 1")
     if not 0 < config["PORT"] < 65536:
         raise ConfigError("PORT must be between 1 and 65535")
-    for name in ["OLLAMA_URL"] + [f"{p.upper()}_BASE_URL" for p in CLOUD_PROVIDERS]:
+    for name in _URL_VARS:
         parts = urlsplit(config[name])
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{name} must be an http(s) URL, got {config[name]!r}")
-    for name in [f"{p.upper()}_API_KEY" for p in CLOUD_PROVIDERS] + ["GPU_API_KEY"]:
+    for name in _KEY_VARS + ("GPU_API_KEY",):
         if config[name] and not config[name].isascii():
             raise ConfigError(f"{name} must be ASCII (HTTP headers carry it)")
     _check_shared_state(config["SHARED_STATE_URL"], config["SHARED_STATE_PREFIX"])
@@ -163,7 +155,6 @@ def _check_shared_state(url, prefix):
 
 def secrets(config):
     """Return every secret in the config, for redaction."""
-    names = [f"{p.upper()}_API_KEY" for p in CLOUD_PROVIDERS] + ["GPU_API_KEY"]
-    found = [config[n] for n in names if config.get(n)]
+    found = [config[n] for n in _KEY_VARS + ("GPU_API_KEY",) if config.get(n)]
     board_password = urlsplit(config.get("SHARED_STATE_URL") or "").password
     return found + [board_password] if board_password else found

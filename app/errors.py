@@ -18,12 +18,15 @@ import math
 
 from werkzeug.exceptions import HTTPException
 
+# No upstream can take itself out of rotation, or send a caller away, for longer.
+MAX_RETRY_AFTER = 3600.0
+
 
 def retry_after_header(seconds):
     """Return ``{"Retry-After": whole seconds, rounded up}``, or {} when unknown."""
     if seconds is None:
         return {}
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+    return {"Retry-After": str(max(1, math.ceil(min(seconds, MAX_RETRY_AFTER))))}
 
 
 class GatewayError(Exception):
@@ -159,6 +162,12 @@ class UpstreamUnavailable(UpstreamError):
     """The upstream could not be reached or did not answer in time."""
 
 
+class CallerLeft(GatewayError):
+    """The caller closed its connection: the call was abandoned; nobody is told."""
+
+    reason = "caller-left"
+
+
 class RateLimited(GatewayError):
     """The upstream (or every upstream tried) is rate-limiting us."""
 
@@ -169,7 +178,7 @@ class RateLimited(GatewayError):
 
     def __init__(self, message, *, retry_after=None, **kw):
         super().__init__(message, **kw)
-        self.retry_after = retry_after
+        self.retry_after = None if retry_after is None else min(retry_after, MAX_RETRY_AFTER)
 
     def headers(self):
         return retry_after_header(self.retry_after)
@@ -205,9 +214,11 @@ class ChainRateLimited(ChainExhausted):
     kind = "rate_limit"
 
 
-def error_response(error, redactor):
-    """Return a Flask response tuple for a GatewayError, secrets redacted."""
-    error.message = redactor.redact(error.message)
+def error_response(error):
+    """Return a Flask response tuple for a GatewayError.
+
+    Upstream text in a message was redacted where it entered (the provider edge).
+    """
     payload = json.dumps(error.body(), ensure_ascii=True)
     headers = {"Content-Type": "application/json"}
     headers.update(error.headers())
@@ -218,21 +229,21 @@ _HTTP_ERRORS = {400: InvalidRequest, 404: NotFound, 405: MethodNotAllowed,
                 413: PayloadTooLarge, 415: UnsupportedMediaType}
 
 
-def register_error_handlers(app, redactor):
+def register_error_handlers(app):
     """Answer every error, ours or Werkzeug's or a bug, with the JSON envelopes."""
 
     @app.errorhandler(GatewayError)
     def _gateway_error(error):
-        return error_response(error, redactor)
+        return error_response(error)
 
     @app.errorhandler(HTTPException)
     def _http_error(error):
         cls = _HTTP_ERRORS.get(error.code, InvalidRequest)
         ours = cls(error.description or error.name)
         ours.status = error.code
-        return error_response(ours, redactor)
+        return error_response(ours)
 
     @app.errorhandler(Exception)
     def _unexpected(error):
         app.logger.exception("unhandled error")
-        return error_response(GatewayError("internal error"), redactor)
+        return error_response(GatewayError("internal error"))

@@ -78,19 +78,28 @@ class Recorder:
 
     def __init__(self, label_cap):
         self.cap = label_cap
+        self._children = {}
+
+    def _child(self, metric, *labels):
+        """Return the metric's child for these labels, looked up once (``labels`` locks)."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[metric, labels] = metric.labels(*labels)
+        return child
 
     def http_request(self, method, endpoint, status, seconds):
-        REQUESTS.labels(method, endpoint, str(status)).inc()
-        REQUEST_LATENCY.labels(method, endpoint).observe(seconds)
+        self._child(REQUESTS, method, endpoint, str(status)).inc()
+        self._child(REQUEST_LATENCY, method, endpoint).observe(seconds)
 
     def llm_success(self, entry, streaming, seconds):
         model = self.cap(entry.model)
-        LLM_REQUESTS.labels(entry.provider, model, "true" if streaming else "false").inc()
-        LLM_LATENCY.labels(entry.provider, model).observe(seconds)
+        self._child(LLM_REQUESTS, entry.provider, model,
+                    "true" if streaming else "false").inc()
+        self._child(LLM_LATENCY, entry.provider, model).observe(seconds)
 
-    def llm_error(self, entry, asked, reason, streaming):
+    def llm_error(self, entry, asked, reason):
         # Error-side metrics carry what the caller asked for.
-        LLM_ERRORS.labels(entry.provider, self.cap(asked), reason).inc()
+        self._child(LLM_ERRORS, entry.provider, self.cap(asked), reason).inc()
 
     def tokens(self, entry, usage):
         if not isinstance(usage, dict):
@@ -101,17 +110,17 @@ class Recorder:
             # Upstreams report what they like; count only real numbers.
             if isinstance(count, (int, float)) and not isinstance(count, bool) \
                     and 0 < count < 1e9:
-                TOKENS.labels(entry.provider, model, kind).inc(count)
+                self._child(TOKENS, entry.provider, model, kind).inc(count)
 
     def chain_done(self, attempts, entries, alias, served):
         """Record the walk: every entry moved past, and which entry served an alias."""
         for attempt in attempts:
             following = attempt.index + 1
             to_model = entries[following].label if following < len(entries) else ""
-            FALLBACKS.labels(self.cap(attempt.model), self.cap(to_model),
-                             attempt.reason).inc()
+            self._child(FALLBACKS, self.cap(attempt.model), self.cap(to_model),
+                        attempt.reason).inc()
         if alias is not None and served is not None:
-            ALIAS_RESOLVED.labels(alias, served.label).inc()
+            self._child(ALIAS_RESOLVED, alias, served.label).inc()
 
     def provider_health(self, provider, healthy):
         PROVIDER_HEALTHY.labels(provider).set(1 if healthy else 0)

@@ -1,7 +1,15 @@
-"""Build the OpenAI response shapes every provider translates into."""
+"""The OpenAI shapes every provider translates from and into.
+
+Reading a caller's request: the few places where a translation needs a
+shape the request validation does not pin down raise ``InvalidRequest``
+naming the field, so a request we cannot translate is the caller's 400,
+decided before anything goes upstream.
+"""
 
 import time
 import uuid
+
+from app import errors
 
 
 def new_id(prefix="chatcmpl-"):
@@ -98,3 +106,35 @@ def has_content(chunk_obj):
         if delta.get("refusal") or delta.get("reasoning") or delta.get("reasoning_content"):
             return True
     return False
+
+
+def tool_call_function(call, where):
+    """Return ``(name, arguments)`` of a caller's tool call, or raise naming the field."""
+    function = call.get("function")
+    if function is None:
+        return "", None
+    if not isinstance(function, dict):
+        raise errors.InvalidRequest(f"'{where}.function' must be an object", param=where)
+    name, arguments = function.get("name", ""), function.get("arguments")
+    if not isinstance(name, str):
+        raise errors.InvalidRequest(f"'{where}.function.name' must be a string", param=where)
+    if arguments is not None and not isinstance(arguments, (str, dict)):
+        raise errors.InvalidRequest(f"'{where}.function.arguments' must be a JSON string",
+                                    param=where)
+    return name, arguments
+
+
+def json_schema_of(body):
+    """Return the schema of a ``json_schema`` response format (None if there is none)."""
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise errors.InvalidRequest("'response_format.json_schema' must be an object",
+                                    param="response_format")
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise errors.InvalidRequest("'response_format.json_schema.schema' must be an object",
+                                    param="response_format")
+    return schema

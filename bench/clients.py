@@ -54,11 +54,12 @@ def percentile(sorted_values, pct):
     return sorted_values[rank]
 
 
-def run_wrk(url, model, connections, duration):
-    """Run wrk against ``url`` + the chat path; return its LoadStats."""
+def run_wrk(url, model, connections, duration, headers=None):
+    """Run wrk against ``url`` + the chat path (extra request headers); return its LoadStats."""
     argv = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections),
             "-d", f"{duration:g}s", "--timeout", "10s", "--latency",
             "-s", os.path.join(BENCH, "post.lua"), url + CHAT_PATH, "--", model]
+    argv += [f"{name}: {value}" for name, value in (headers or {}).items()]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     line = next((ln for ln in result.stdout.splitlines() if ln.startswith("BENCH_JSON ")),
                 None)

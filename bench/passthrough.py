@@ -1,4 +1,4 @@
-"""The baseline of issue 6: a bare Flask + gunicorn gthread passthrough.
+"""The baseline: a bare Flask + gunicorn gthread passthrough (requests to the upstream).
 
 It forwards the request body to the upstream and the answer back, and does
 nothing else: no validation, aliases, health, translation, metrics or

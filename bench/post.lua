@@ -1,11 +1,17 @@
 -- wrk script of the benchmark: POST a small chat completion, report one JSON line.
--- Usage: wrk ... -s bench/post.lua <url> -- <model>
+-- Usage: wrk ... -s bench/post.lua <url> -- <model> ["Header: value" ...]
 
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 
 function init(args)
    local model = args[1] or "openai/gpt-4o-mini"
+   for i = 2, #args do
+      local name, value = args[i]:match("^([^:]+):%s*(.*)$")
+      if name then
+         wrk.headers[name] = value
+      end
+   end
    wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"Say hello"}],'
       .. '"max_tokens":16}'
 end

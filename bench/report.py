@@ -105,7 +105,7 @@ def render_many(many, chunks, interval, rss_after):
 
 
 def render_targets(targets):
-    """Return the table of figures beside the targets of issue 6 (informative only)."""
+    """Return the table of figures beside their targets (informative only)."""
     lines = ["| figure | measured | target | met |", "|---|---:|---:|---|"]
     for name, measured, target, met in targets:
         lines.append(f"| {name} | {measured} | {target} | {'yes' if met else '**no**'} |")

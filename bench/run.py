@@ -28,6 +28,7 @@ import requests
 
 import clients
 import hotpath
+import portkey
 import report
 from processes import (Processes, busy_cpu_seconds, cpu_seconds_between, cpu_ticks, free_port,
                        process_tree, raise_open_files_limit, rss_mib, tree_cpu_seconds,
@@ -39,6 +40,17 @@ REPO = os.path.dirname(BENCH)
 MODEL = "openai/gpt-4o-mini"        # served by the plain upstream (nginx in full mode)
 ALIAS = "mana/bench"                # chain: [MODEL]
 STREAM_MODEL = "groq/gpt-4o-mini"   # served by bench/upstream.py, which can stream slowly
+
+
+@dataclass
+class Target:
+    """One server the plain requests are measured against."""
+
+    label: str
+    pid: int
+    url: str
+    model: str
+    headers: dict = None
 
 
 @dataclass
@@ -75,6 +87,8 @@ def parse_args(argv):
     parser.add_argument("--profile", action="store_true",
                         help="also profile the gateway with py-spy under an extra load run")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with logs")
+    parser.add_argument("--no-portkey", action="store_true",
+                        help="leave out the optional Portkey peer (full mode only)")
     return parser.parse_args(argv)
 
 
@@ -185,6 +199,27 @@ def start_gateway(procs, env):
     return process, url
 
 
+PASSTHROUGH = "bare Flask passthrough (2x16)"
+PORTKEY = "Portkey OSS gateway (Node, 1 process)"
+
+
+def start_portkey(args, procs, plain_url, notes):
+    """Return Portkey as a Target list of one, or none (with a note why) when it cannot run."""
+    if args.no_portkey:
+        notes.append("Portkey: left out (--no-portkey)")
+        return []
+    print("starting Portkey (npm, cached after the first run) ...", flush=True)
+    try:
+        process, url = portkey.start(procs, plain_url)
+    except RuntimeError as exc:
+        print(f"  Portkey skipped: {str(exc).splitlines()[0]}", flush=True)
+        notes.append(f"Portkey: skipped ({str(exc).splitlines()[0]})")
+        return []
+    notes.append(f"Portkey: {portkey.PACKAGE}, node, provider openai with a custom host "
+                 "pointing at the same nginx")
+    return [Target(PORTKEY, process.pid, url, portkey.MODEL, portkey.headers(plain_url))]
+
+
 def start_passthrough(procs, plain_url):
     """Start the bare passthrough baseline (bench/passthrough.py, 2 x 16); return (process, URL)."""
     port = free_port()
@@ -225,20 +260,21 @@ def smoke_gateway(url):
         raise RuntimeError(f"gateway stream failed: {result.error}")
 
 
-def load(profile, url, model, conns, duration):
+def load(profile, url, model, conns, duration, headers=None):
     """Apply one load run: wrk in full mode, the Python client in check mode."""
     if profile.name == "check":
         return clients.run_python_load(url, model, conns, duration, CHECK_RATE)
-    return clients.run_wrk(url, model, conns, duration)
+    return clients.run_wrk(url, model, conns, duration, headers)
 
 
-def measure(profile, server_pid, url, model, conns, upstream_url):
-    """Warm up, then load ``url``; return a Row with the server tree's CPU and RSS."""
+def measure(profile, target, conns, upstream_url):
+    """Warm up, then load a target; return a Row with the server tree's CPU and RSS."""
+    server_pid, url, model, headers = target.pid, target.url, target.model, target.headers
     if profile.warmup:
-        load(profile, url, model, conns, profile.warmup)
+        load(profile, url, model, conns, profile.warmup, headers)
     accepted = clients.accepted_connections(upstream_url)
     before, box, ours = cpu_ticks(server_pid), busy_cpu_seconds(), tree_cpu_seconds(os.getpid())
-    stats = load(profile, url, model, conns, profile.duration)
+    stats = load(profile, url, model, conns, profile.duration, headers)
     cpu = cpu_seconds_between(before, cpu_ticks(server_pid))
     # Everything this run started descends from this process (wrk is reaped
     # by now), so the rest of the box's busy time belongs to strangers.
@@ -255,10 +291,10 @@ def plain_rows(profile, targets, upstream_url):
     rows = []
     for conns in profile.conns:
         direct = None
-        for label, pid, url, model in targets:
-            print(f"  {label}, {conns} conns ...", flush=True)
-            row = measure(profile, pid, url, model, conns, upstream_url)
-            row.path = label
+        for target in targets:
+            print(f"  {target.label}, {conns} conns ...", flush=True)
+            row = measure(profile, target, conns, upstream_url)
+            row.path = target.label
             if direct is None:
                 direct = row
             else:
@@ -317,7 +353,7 @@ def profile_gateway(profile, gateway):
 
 
 def targets_of(rows, direct_fb, gateway_fb, many):
-    """Return issue 6's figures beside its targets: (name, measured, target, met)."""
+    """Return the figures beside their targets: (name, measured, target, met)."""
     gw = [r for r in rows if r.path.startswith("gateway, direct")]
     at = {r.conns: r for r in gw}
     fb_overhead = (report.first_byte_summary(gateway_fb)[0]
@@ -349,21 +385,39 @@ def targets_of(rows, direct_fb, gateway_fb, many):
 
 
 def against_passthrough(rows, at):
-    """Return the gateway's figures beside the bare passthrough measured in the same run."""
-    base = {r.conns: r for r in rows if r.path.startswith("bare Flask")}
+    """Return the gateway's figures beside the passthrough (and Portkey) of the same run.
+
+    The targets: added p50 at 1 client at most 0.75 x the passthrough's,
+    RPS at 64 connections at least 1.1 x, CPU per request at most 0.8 x.
+    """
+    base = {r.conns: r for r in rows if r.path == PASSTHROUGH}
+    peer = {r.conns: r for r in rows if r.path == PORTKEY}
     figures = []
     if 1 in base and 1 in at:
+        ratio = at[1].added_p50 / base[1].added_p50 if base[1].added_p50 > 0 else 0.0
         figures.append(("added p50 at 1 client vs the passthrough (same run)",
-                        f"{at[1].added_p50:.2f} vs {base[1].added_p50:.2f} ms",
-                        "no more than the passthrough",
-                        at[1].added_p50 <= base[1].added_p50))
+                        f"{at[1].added_p50:.2f} vs {base[1].added_p50:.2f} ms "
+                        f"({ratio:.2f} x)", "<= 0.75 x", ratio <= 0.75))
     if 64 in base and 64 in at:
+        rps = at[64].stats.rps / base[64].stats.rps if base[64].stats.rps else 0.0
+        cpu = at[64].cpu_ms / base[64].cpu_ms if base[64].cpu_ms else 0.0
         figures += [("RPS at 64 clients vs the passthrough (same run)",
-                     f"{at[64].stats.rps:,.0f} vs {base[64].stats.rps:,.0f}",
-                     "at least the passthrough's", at[64].stats.rps >= base[64].stats.rps),
+                     f"{at[64].stats.rps:,.0f} vs {base[64].stats.rps:,.0f} ({rps:.2f} x)",
+                     ">= 1.1 x", rps >= 1.1),
                     ("CPU per request at 64 vs the passthrough (same run)",
-                     f"{at[64].cpu_ms:.2f} vs {base[64].cpu_ms:.2f} ms",
-                     "no more than the passthrough", at[64].cpu_ms <= base[64].cpu_ms)]
+                     f"{at[64].cpu_ms:.2f} vs {base[64].cpu_ms:.2f} ms ({cpu:.2f} x)",
+                     "<= 0.8 x", cpu <= 0.8)]
+    for conns, name in ((1, "added p50 at 1 client"), (1, "added p99 at 1 client")):
+        if conns in peer and conns in at:
+            ours = at[conns].added_p50 if "p50" in name else at[conns].added_p99
+            theirs = peer[conns].added_p50 if "p50" in name else peer[conns].added_p99
+            figures.append((f"{name} vs Portkey (same run)",
+                            f"{ours:.2f} vs {theirs:.2f} ms", "below Portkey's",
+                            ours < theirs))
+    if 64 in peer and 64 in at:
+        figures.append(("RPS at 64 clients vs Portkey (same run)",
+                        f"{at[64].stats.rps:,.0f} vs {peer[64].stats.rps:,.0f}",
+                        "above Portkey's", at[64].stats.rps > peer[64].stats.rps))
     return figures
 
 
@@ -422,13 +476,14 @@ def run(profile, args, procs, workdir):
     (plain_proc, plain_url), stream_url, gateway = start_servers(profile, args, procs,
                                                                  workdir)
     direct_label = "direct upstream" + (" (nginx)" if profile.name == "full" else "")
-    targets = [(direct_label, plain_proc.pid, plain_url, MODEL)]
+    targets = [Target(direct_label, plain_proc.pid, plain_url, MODEL)]
+    peers = []
     if profile.name == "full":
         passthrough = start_passthrough(procs, plain_url)
-        targets.append(("bare Flask passthrough (2x16)", passthrough[0].pid, passthrough[1],
-                        MODEL))
-    targets += [("gateway, direct model", gateway[0].pid, gateway[1], MODEL),
-                (f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS)]
+        targets.append(Target(PASSTHROUGH, passthrough[0].pid, passthrough[1], MODEL))
+        targets += start_portkey(args, procs, plain_url, peers)
+    targets += [Target("gateway, direct model", gateway[0].pid, gateway[1], MODEL),
+                Target(f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS)]
     print("plain requests:", flush=True)
     rows = plain_rows(profile, targets, plain_url)
     profiled = profile_gateway(profile, gateway) if args.profile else None
@@ -453,11 +508,11 @@ def run(profile, args, procs, workdir):
     if profiled:
         sections.append(("Where the gateway's Python time goes", profiled))
     if profile.name == "full":
-        sections.append(("Figures beside the targets of issue 6 (informative, never asserted)",
+        sections.append(("Figures beside their targets (informative, never asserted)",
                          report.render_targets(targets_of(rows, direct_fb, gateway_fb,
                                                           many))))
     text = report.render(f"mana-llm benchmark ({profile.name})", report.box_facts(REPO),
-                         settings_lines(profile, args), sections)
+                         settings_lines(profile, args) + peers, sections)
     ok = (all(r.stats.errors == 0 and r.stats.requests > 0 for r in rows)
           and all(r.ok for r in direct_fb + gateway_fb) and many.failed == 0)
     return text, ok

@@ -11,6 +11,7 @@ import pytest
 import requests
 import yaml
 
+from tests.canned_upstream import CannedUpstream
 from tests.fake_upstream import FakeUpstream
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +153,14 @@ def fake_factory():
     yield start
     for fake in started:
         fake.stop()
+
+
+@pytest.fixture
+def canned():
+    """A local server answering what the test registers (``responses``-style, but real)."""
+    server = CannedUpstream()
+    yield server
+    server.close()
 
 
 @pytest.fixture

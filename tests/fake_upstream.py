@@ -681,6 +681,7 @@ class Handler(BaseHTTPRequestHandler):
         self.stop_event = self.server.stop_event
         self.started = False  # response headers sent: a write failure now is "mid-stream"
         self.fake._track(self.connection, True)
+        self.fake._count("connections_accepted")
 
     def finish(self):
         self.fake._track(self.connection, False)
@@ -1005,7 +1006,8 @@ class FakeUpstream:
         self._persistent = []
         self._scripted = []
         self._requests = []
-        self._counters = {"stream_write_failures": 0, "client_disconnects": 0}
+        self._counters = {"stream_write_failures": 0, "client_disconnects": 0,
+                          "connections_accepted": 0}
         self._reply_text = None
         self._missing = set()
 
@@ -1060,6 +1062,12 @@ class FakeUpstream:
     def stream_write_failures(self):
         with self._lock:
             return self._counters["stream_write_failures"]
+
+    @property
+    def connections_accepted(self):
+        """Connections clients opened (a client that reuses kept-alive ones opens few)."""
+        with self._lock:
+            return self._counters["connections_accepted"]
 
     @property
     def client_disconnects(self):

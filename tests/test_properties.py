@@ -125,7 +125,7 @@ def test_any_model_string_resolves_or_is_a_client_error(model):
     resolved = expect_client_error(resolve_chain, model, TABLE, KNOWN_PROVIDERS)
     if resolved is None:
         return
-    alias, entries = resolved
+    alias, entries = resolved.alias, resolved.entries
     assert entries and all(isinstance(e, Entry) for e in entries)
     assert alias is None or alias in TABLE.aliases
     if alias is None:
@@ -136,9 +136,9 @@ def test_any_model_string_resolves_or_is_a_client_error(model):
 @given(MODEL_STRINGS)
 def test_a_direct_model_keeps_its_model_part_as_written(model):
     resolved = expect_client_error(resolve_chain, model, TABLE, KNOWN_PROVIDERS)
-    if resolved is None or resolved[0] is not None or not model:
+    if resolved is None or resolved.alias is not None or not model:
         return
-    (entry,) = resolved[1]
+    (entry,) = resolved.entries
     prefix, slash, rest = model.partition("/")
     if slash:
         assert entry.provider == prefix.lower()

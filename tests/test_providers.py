@@ -5,20 +5,22 @@ import json
 import math
 import time
 
+import socket
+
 import pytest
-import requests
-import responses
+from urllib3.exceptions import ConnectTimeoutError
 
 from app import errors
 from app.config import build_config
 from app.providers import build_providers
 from app.providers.base import parse_retry_after
+from app.providers.transport import Transport
 from app.providers.ollama import StreamTranslator, chat_body, supports_tools, translate_answer
 from app.providers.openai_compat import translate_chunk, translate_completion, upstream_body
 from app.redact import Redactor
 
-GROQ = "http://groq.test/v1"
-OLLAMA = "http://ollama.test"
+GROQ = "/groq/v1"       # base URL paths on the canned upstream
+OLLAMA = "/ollama"
 GROQ_KEY = "test-groq-key-0123456789"
 COOLDOWN = 15.0
 USER = {"role": "user", "content": "hi"}
@@ -309,30 +311,33 @@ def test_translate_chunk_raises_on_in_stream_error(event):
 # -- Transport: upstream HTTP answers become our errors -----------------------------------
 
 @pytest.fixture
-def providers():
-    built = build_providers(build_config({
-        "GROQ_API_KEY": GROQ_KEY, "GROQ_BASE_URL": GROQ, "OLLAMA_URL": OLLAMA,
-        "RATE_LIMIT_COOLDOWN": COOLDOWN}))
+def upstream(canned):
+    return canned
+
+
+def providers_for(url, **config):
+    return build_providers(build_config({
+        "GROQ_API_KEY": GROQ_KEY, "GROQ_BASE_URL": url + GROQ, "OLLAMA_URL": url + OLLAMA,
+        "RATE_LIMIT_COOLDOWN": COOLDOWN, **config}), Redactor([GROQ_KEY]))
+
+
+@pytest.fixture
+def providers(upstream):
+    built = providers_for(upstream.url)
     yield built
     for provider in built.values():
         provider.close()
 
 
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
 def groq_answers(upstream, providers, **answer):
-    upstream.add(responses.POST, GROQ + "/chat/completions", **answer)
+    upstream.add("POST", GROQ + "/chat/completions", **answer)
     with pytest.raises(errors.GatewayError) as caught:
         providers["groq"].chat(request(), "llama-3.1-8b-instant")
     return caught.value
 
 
 def test_successful_call_sends_key_and_translates(upstream, providers):
-    upstream.add(responses.POST, GROQ + "/chat/completions", json=completion())
+    upstream.add("POST", GROQ + "/chat/completions", json=completion())
     out = providers["groq"].chat(request(temperature=0.5), "llama-3.1-8b-instant")
     assert out["model"] == "groq/llama-3.1-8b-instant"
     sent = upstream.calls[0].request
@@ -341,7 +346,7 @@ def test_successful_call_sends_key_and_translates(upstream, providers):
 
 
 def test_ollama_call_goes_to_api_chat_with_options(upstream, providers):
-    upstream.add(responses.POST, OLLAMA + "/api/chat",
+    upstream.add("POST", OLLAMA + "/api/chat",
                  json=ollama_answer("hi", prompt_eval_count=3, eval_count=1))
     out = providers["ollama"].chat(request(max_tokens=9), "qwen2.5:7b")
     assert out["model"] == "ollama/qwen2.5:7b"
@@ -350,16 +355,31 @@ def test_ollama_call_goes_to_api_chat_with_options(upstream, providers):
     assert sent["options"] == {"num_predict": 9}
 
 
-@pytest.mark.parametrize("exception, reason", [
-    (requests.ConnectionError(ConnectionRefusedError(111, "Connection refused")),
-     "ConnectionError"),
-    (requests.ConnectTimeout("connect timed out"), "ConnectTimeout"),
-    (requests.ReadTimeout("read timed out"), "ReadTimeout"),
-], ids=["refused", "connect-timeout", "read-timeout"])
-def test_unreachable_upstream_is_upstream_unavailable(upstream, providers, exception, reason):
-    error = groq_answers(upstream, providers, body=exception)
+def test_refused_connection_is_upstream_unavailable():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        providers = providers_for(f"http://127.0.0.1:{port}")
+        with pytest.raises(errors.UpstreamUnavailable) as caught:
+            providers["groq"].chat(request(), "llama-3.1-8b-instant")
+    assert (caught.value.reason, caught.value.on_failure) == ("ConnectionError", "trip")
+
+
+def test_answer_slower_than_the_read_timeout_is_upstream_unavailable(upstream):
+    upstream.add("POST", GROQ + "/chat/completions", json=completion(), delay=2)
+    providers = providers_for(upstream.url, UPSTREAM_TIMEOUT=0.3)
+    with pytest.raises(errors.UpstreamUnavailable) as caught:
+        providers["groq"].chat(request(), "llama-3.1-8b-instant")
+    assert (caught.value.reason, caught.value.on_failure) == ("ReadTimeout", "trip")
+
+
+def test_connect_timeout_is_upstream_unavailable():
+    # A connect timeout cannot be made on loopback reliably: translate the library's error.
+    transport = Transport("groq", "http://127.0.0.1:9", connect_timeout=3, read_timeout=5,
+                          pool_size=1)
+    error = transport.failure(ConnectTimeoutError(None, "timed out"), None, "send", 5)
     assert isinstance(error, errors.UpstreamUnavailable)
-    assert (error.reason, error.on_failure) == (reason, "trip")
+    assert (error.reason, error.on_failure) == ("ConnectTimeout", "trip")
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
@@ -421,13 +441,84 @@ def test_200_with_non_json_body_is_malformed(upstream, providers, body):
 
 
 def test_redirect_is_not_followed(upstream, providers):
-    upstream.add(responses.POST, "http://elsewhere.test/steal", json=completion())
-    upstream.add(responses.GET, "http://elsewhere.test/steal", json=completion())
+    upstream.add("POST", "/steal", json=completion())
+    upstream.add("GET", "/steal", json=completion())
     error = groq_answers(upstream, providers, status=302,
-                         headers={"Location": "http://elsewhere.test/steal"})
+                         headers={"Location": upstream.url + "/steal"})
     assert type(error) is errors.UpstreamError
     assert error.on_failure == "trip"
-    assert [c.request.url for c in upstream.calls] == [GROQ + "/chat/completions"]
+    assert [c.request.path for c in upstream.calls] == [GROQ + "/chat/completions"]
+
+
+def test_upstream_text_is_redacted_before_it_is_cut_short(upstream, providers):
+    # The key straddles the 600th character: cutting first would leak its first half.
+    text = "x" * 590 + " " + GROQ_KEY + " tail"
+    error = groq_answers(upstream, providers, status=500, json={"error": {"message": text}})
+    assert GROQ_KEY[:8] not in error.message
+    assert len(error.message) <= 600
+
+
+def test_key_echoed_in_a_stream_error_is_redacted(upstream, providers):
+    event = {"error": {"message": f"bad key {GROQ_KEY}"}}
+    upstream.add("POST", GROQ + "/chat/completions", content_type="text/event-stream",
+                 body=f"data: {json.dumps(event)}\n\n")
+    with pytest.raises(errors.UpstreamError) as caught:
+        list(providers["groq"].stream_chat(request(), "m"))
+    assert GROQ_KEY not in caught.value.message
+    assert "[redacted]" in caught.value.message
+
+
+@pytest.mark.parametrize("answer", [
+    {"choices": "x"}, {"choices": [{"message": None}], "x": 1}, [1, 2],
+], ids=["choices-string", "message-null", "list"])
+def test_ollama_answer_we_cannot_read_is_malformed_response(upstream, providers, answer):
+    upstream.add("POST", OLLAMA + "/api/chat", json={"message": {"content": "hi",
+                                                                 "tool_calls": answer}})
+    with pytest.raises(errors.UpstreamError) as caught:
+        providers["ollama"].chat(request(), "qwen2.5:7b")
+    assert (caught.value.reason, caught.value.on_failure) == ("malformed-response", "trip")
+
+
+@pytest.mark.parametrize("message, field", [
+    ({"role": "assistant", "content": "", "tool_calls": [{"function": "x"}]},
+     "messages[1].tool_calls[0].function"),
+    ({"role": "assistant", "content": "", "tool_calls": [{"function": {"name": 5}}]},
+     "messages[1].tool_calls[0].function.name"),
+    ({"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": ["x"]}}]},
+     "messages[1].tool_calls[0].function.arguments"),
+], ids=["function-string", "name-number", "arguments-list"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "stream"])
+def test_ollama_untranslatable_request_is_invalid_request_before_any_call(
+        upstream, providers, message, field, streamed):
+    body = request(messages=[dict(USER), message])
+    with pytest.raises(errors.InvalidRequest) as caught:
+        if streamed:
+            providers["ollama"].stream_chat(body, "qwen2.5:7b")
+        else:
+            providers["ollama"].chat(body, "qwen2.5:7b")
+    assert type(caught.value) is errors.InvalidRequest
+    assert field in caught.value.message
+    assert upstream.calls == []
+
+
+def test_empty_tools_are_not_forwarded_to_openai_compatible_upstreams():
+    assert "tools" not in upstream_body(request(tools=[]), "m", False)
+    assert upstream_body(request(tools=[{"type": "function"}]), "m", False)["tools"] == [
+        {"type": "function"}]
+
+
+def test_empty_tools_are_dropped_over_the_wire(upstream, providers):
+    upstream.add("POST", GROQ + "/chat/completions", json=completion())
+    providers["groq"].chat(request(tools=[]), "llama-3.1-8b-instant")
+    assert "tools" not in json.loads(upstream.calls[0].request.body)
+
+
+def test_retry_after_beyond_an_hour_is_capped(upstream, providers):
+    error = groq_answers(upstream, providers, status=429,
+                         headers={"Retry-After": "999999999"})
+    assert error.retry_after == 3600
+    assert error.headers() == {"Retry-After": "3600"}
 
 
 NOW = 1_700_000_000

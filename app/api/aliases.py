@@ -7,7 +7,7 @@ bp = Blueprint("aliases", __name__)
 
 @bp.get("/v1/aliases")
 def list_aliases():
-    table = current_app.extensions["mana_llm"].aliases.table
+    table = current_app.extensions["mana_llm"].aliases
     return jsonify({
         "default": table.default,
         "aliases": [{"name": a.name, "description": a.description,

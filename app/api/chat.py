@@ -1,20 +1,19 @@
 """``POST /v1/chat/completions``: plain and streamed (SSE)."""
 
 import json
-import logging
+import os
 import time
+from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from app import errors
-from app.providers import KNOWN_PROVIDERS
-from app.routing.aliases import resolve_chain
-from app.routing.fallback import SHAPE_ERRORS, misshapen
 from app.streaming import DONE, error_event, prime, sse_event
 from app.validation import chat_request, parse_json_body
 
 bp = Blueprint("chat", __name__)
-log = logging.getLogger(__name__)
+# What a header value may carry as is; anything else in a model name is percent-encoded.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
 
 
 def server_timing(started, upstream_seconds):
@@ -24,70 +23,54 @@ def server_timing(started, upstream_seconds):
     return f"gateway;dur={gateway * 1000:.2f}, upstream;dur={upstream_seconds * 1000:.2f}"
 
 
+def answer_headers(outcome):
+    """Return the headers every answer carries: which entry and which worker served it."""
+    g.resolved = outcome.entry.label
+    # Headers are Latin-1: a model named in any other script must not turn an
+    # answer the upstream already gave (and billed) into a 500.
+    resolved = quote(outcome.entry.label, safe=_HEADER_SAFE)
+    # The worker matters to whoever reads health: each worker keeps its own.
+    return {"X-Mana-LLM-Resolved": resolved, "X-Mana-LLM-Worker": str(os.getpid()),
+            "Server-Timing": server_timing(g.started, outcome.upstream_seconds)}
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions():
     gateway = current_app.extensions["mana_llm"]
     body = chat_request(parse_json_body(request))
-    asked = body.get("model") or gateway.aliases.table.default
-    alias, entries = resolve_chain(body.get("model"), gateway.aliases.table, KNOWN_PROVIDERS)
+    route = gateway.route(body.get("model"))
     if body.get("stream"):
-        return _stream(gateway, body, asked, alias, entries)
-
-    def call(provider, entry):
-        provider.check_capabilities(body, entry.model)
-        return provider.chat(body, entry.model)
-
-    outcome = gateway.walker.walk(entries, call, asked=asked, alias=alias)
+        return _stream(gateway, body, route)
+    outcome = gateway.walker.walk(
+        route, lambda provider, entry, call: provider.chat(body, entry.model, call))
     answer = outcome.result
     gateway.recorder.tokens(outcome.entry, answer.get("usage"))
-    g.resolved = outcome.entry.label
     return Response(json.dumps(answer, separators=(",", ":")), mimetype="application/json",
-                    headers={"X-Mana-LLM-Resolved": outcome.entry.label,
-                             "Server-Timing": server_timing(g.started,
-                                                            outcome.upstream_seconds)})
+                    headers=answer_headers(outcome))
 
 
-def _stream(gateway, body, asked, alias, entries):
-    def call(provider, entry):
-        provider.check_capabilities(body, entry.model)
-        return prime(provider.stream_chat(body, entry.model))
-
-    outcome = gateway.walker.walk(entries, call, asked=asked, alias=alias, streaming=True)
-    g.resolved = outcome.entry.label
+def _stream(gateway, body, route):
+    # The caller's socket (gunicorn's): a stream whose caller left is closed at once.
+    outcome = gateway.walker.walk(
+        route, lambda provider, entry, call: prime(provider.stream_chat(body, entry.model, call)),
+        streaming=True, caller=request.environ.get("gunicorn.socket"))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     # The request context stays with the stream, so its log lines keep the request id.
-    events = stream_with_context(_relay(gateway, outcome, asked, include_usage))
+    events = stream_with_context(_frame(outcome.result, include_usage))
     return Response(events, mimetype="text/event-stream", headers={
-        "X-Mana-LLM-Resolved": outcome.entry.label,
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-        "Server-Timing": server_timing(g.started, outcome.upstream_seconds),
-    })
+        **answer_headers(outcome), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _relay(gateway, outcome, asked, include_usage):
-    """Yield the committed stream as SSE; a later failure ends it with an error event."""
-    stream = outcome.result
-    entry = outcome.entry
+def _frame(stream, include_usage):
+    """Yield the committed stream as SSE; a failure after commit ends it with an error event."""
     try:
-        for chunks in (stream.head, stream.rest):
-            for chunk in chunks:
-                usage = chunk.get("usage")
-                if usage:
-                    gateway.recorder.tokens(entry, usage)
-                if not include_usage:
-                    if not chunk.get("choices"):
-                        continue
-                    chunk.pop("usage", None)
-                yield sse_event(chunk)
-        gateway.walker.record_stream_success(entry)
-    except (errors.GatewayError,) + SHAPE_ERRORS as error:
-        # Committed: never splice in another provider; tell the caller and
-        # count it against this provider's health.
-        if not isinstance(error, errors.GatewayError):
-            error = misshapen(entry, error)
-        gateway.walker.record_stream_failure(entry, error, asked)
-        log.warning("stream from %s failed after it started: %s", entry.label, error.message)
+        for chunk in stream:
+            if not include_usage:
+                if not chunk.get("choices"):
+                    continue
+                chunk.pop("usage", None)
+            yield sse_event(chunk)
+    except errors.GatewayError as error:
         yield error_event(error)
     finally:
         stream.close()

@@ -1,6 +1,7 @@
 """``GET /v1/models``, ``GET /v1/models/<id>`` and ``POST /v1/embeddings``."""
 
 import base64
+import dataclasses
 import logging
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -8,8 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from flask import Blueprint, current_app, g, jsonify, request
 
 from app import errors
-from app.providers import KNOWN_PROVIDERS
-from app.routing.aliases import resolve_chain
 from app.validation import embeddings_request, parse_json_body
 
 bp = Blueprint("models", __name__)
@@ -36,7 +35,7 @@ def _list_one(gateway, name):
 def all_models(gateway):
     """Return every configured provider's models (in parallel) plus every alias."""
     names = list(gateway.configured)
-    data = [_model(name, "mana-llm") for name in gateway.aliases.table.aliases]
+    data = [_model(name, "mana-llm") for name in gateway.aliases.aliases]
     if names:
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             for models in pool.map(lambda n: _list_one(gateway, n), names):
@@ -53,10 +52,10 @@ def list_models():
 @bp.get("/v1/models/<path:model_id>")
 def get_model(model_id):
     gateway = current_app.extensions["mana_llm"]
-    if model_id in gateway.aliases.table.aliases:
-        return jsonify(_model(model_id, "mana-llm"))
-    _, entries = resolve_chain(model_id, gateway.aliases.table, KNOWN_PROVIDERS)
-    entry = entries[0]
+    route = gateway.route(model_id)
+    if route.alias is not None:
+        return jsonify(_model(route.alias, "mana-llm"))
+    entry = route.entries[0]
     if entry.provider in gateway.configured:
         for model in _list_one(gateway, entry.provider):
             if model["id"] == entry.label:
@@ -75,15 +74,13 @@ def embeddings():
     gateway = current_app.extensions["mana_llm"]
     body = parse_json_body(request)
     inputs, encoding = embeddings_request(body)
-    asked = body.get("model") or gateway.aliases.table.default
-    alias, entries = resolve_chain(body.get("model"), gateway.aliases.table, KNOWN_PROVIDERS)
+    route = gateway.route(body.get("model"))
     # Vectors from two models do not mix: never fall back to a different model.
-    entries = [e for e in entries if e.model == entries[0].model]
-
-    def call(provider, entry):
-        return provider.embed(inputs, entry.model, body)
-
-    outcome = gateway.walker.walk(entries, call, asked=asked, alias=alias)
+    first = route.entries[0].model
+    route = dataclasses.replace(route, entries=tuple(e for e in route.entries
+                                                     if e.model == first))
+    outcome = gateway.walker.walk(
+        route, lambda provider, entry, call: provider.embed(inputs, entry.model, body, call))
     vectors, prompt_tokens = outcome.result
     gateway.recorder.tokens(outcome.entry, {"prompt_tokens": prompt_tokens})
     g.resolved = outcome.entry.label

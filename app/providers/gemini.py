@@ -9,10 +9,12 @@ transport, timeouts and errors. The API key travels in the
 """
 
 import json
+import re
 from urllib.parse import quote
 
 from app import errors, shapes
-from app.providers.base import Provider, check_stream_event, sse_data
+from app.providers.base import Provider
+from app.streaming import check_event, split_lines, sse_data
 
 # Finish and block reasons that mean Gemini refused on policy grounds (SPEC §4):
 # retrying elsewhere is the caller's decision, not the gateway's.
@@ -34,6 +36,7 @@ _SCHEMA_KEYS = frozenset((
     "propertyOrdering"))
 _TOOL_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
 _EMBED_BATCH = 100      # batchEmbedContents' limit per call
+_RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
 _MAX_MODEL_PAGES = 20   # a runaway nextPageToken must not loop forever
 
 
@@ -126,15 +129,21 @@ def _parse_arguments(arguments):
     return parsed
 
 
-def _function_call_parts(tool_calls):
+def _signature(call):
+    """Return the thought signature a replayed tool call carries, if any."""
+    extra = call.get("extra_content")
+    google = extra.get("google") if isinstance(extra, dict) else None
+    signature = google.get("thought_signature") if isinstance(google, dict) else None
+    return signature if isinstance(signature, str) else None
+
+
+def _function_call_parts(tool_calls, where):
     """Return ``functionCall`` parts for an assistant message's tool calls."""
     parts = []
     for index, call in enumerate(tool_calls):
-        function = call.get("function") or {}
-        part = {"functionCall": {"name": function.get("name", ""),
-                                 "args": _parse_arguments(function.get("arguments"))}}
-        signature = (((call.get("extra_content") or {}).get("google") or {})
-                     .get("thought_signature"))
+        name, arguments = shapes.tool_call_function(call, f"{where}[{index}]")
+        part = {"functionCall": {"name": name, "args": _parse_arguments(arguments)}}
+        signature = _signature(call)
         # Gemini wants the signature on the first call of a step only.
         if signature or index == 0:
             part["thoughtSignature"] = signature or SKIP_SIGNATURE
@@ -142,9 +151,12 @@ def _function_call_parts(tool_calls):
     return parts
 
 
-def _function_response_part(message, names):
+def _function_response_part(message, names, where):
     """Return the ``functionResponse`` part for a ``tool`` message."""
-    name = names.get(message.get("tool_call_id")) or message.get("name")
+    call_id = message.get("tool_call_id")
+    if call_id is not None and not isinstance(call_id, str):
+        raise errors.InvalidRequest(f"'{where}.tool_call_id' must be a string", param=where)
+    name = names.get(call_id) or message.get("name")
     if not name:
         raise errors.InvalidRequest(
             "a tool message's tool_call_id must match an earlier assistant tool call",
@@ -171,19 +183,21 @@ def _append(contents, role, parts):
 def build_contents(messages):
     """Return ``(contents, system_texts)`` for OpenAI messages."""
     contents, system, names = [], [], {}
-    for message in messages:
-        role = message["role"]
+    for index, message in enumerate(messages):
+        role, where = message["role"], f"messages[{index}]"
         if role == "system":
             system.append(_text_of(message.get("content")))
             continue
         if role == "tool":
-            _append(contents, "user", [_function_response_part(message, names)])
+            _append(contents, "user", [_function_response_part(message, names, where)])
             continue
         parts = _content_parts(message.get("content"))
         calls = message.get("tool_calls") if role == "assistant" else None
         if calls:
-            names.update({c.get("id"): (c.get("function") or {}).get("name") for c in calls})
-            parts += _function_call_parts(calls)
+            call_parts = _function_call_parts(calls, f"{where}.tool_calls")
+            names.update({c["id"]: p["functionCall"]["name"] for c, p in zip(calls, call_parts)
+                          if isinstance(c.get("id"), str)})
+            parts += call_parts
         _append(contents, "model" if role == "assistant" else "user", parts)
     return contents, [text for text in system if text]
 
@@ -195,22 +209,25 @@ def _generation_config(body):
     stop = body.get("stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
-    response_format = body.get("response_format") or {}
-    if response_format.get("type") in ("json_object", "json_schema"):
+    if (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"
-    schema = (response_format.get("json_schema") or {}).get("schema")
-    if response_format.get("type") == "json_schema" and schema:
+    schema = shapes.json_schema_of(body)
+    if schema:
         config["responseSchema"] = clean_schema(schema)
     return config
 
 
-def _function_declaration(tool):
+def _function_declaration(tool, where):
     """Return Gemini's ``functionDeclaration`` for an OpenAI function tool."""
     function = tool["function"]
     out = {"name": function["name"]}
     if function.get("description"):
         out["description"] = function["description"]
-    parameters = clean_schema(function.get("parameters") or {})
+    parameters = function.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise errors.InvalidRequest(f"'{where}.function.parameters' must be an object",
+                                    param=where)
+    parameters = clean_schema(parameters)
     # Gemini rejects an OBJECT schema with no properties: a function without
     # arguments must leave ``parameters`` out.
     if parameters.get("properties") or parameters.get("type") not in (None, "object"):
@@ -244,7 +261,8 @@ def chat_body(body):
         request["generationConfig"] = config
     if body.get("tools"):
         request["tools"] = [{"functionDeclarations": [
-            _function_declaration(tool) for tool in body["tools"]]}]
+            _function_declaration(tool, f"tools[{index}]")
+            for index, tool in enumerate(body["tools"])]}]
         choice = tool_config(body.get("tool_choice"))
         if choice:
             request["toolConfig"] = choice
@@ -348,7 +366,7 @@ class StreamTranslator(shapes.ChunkStream):
 
     def translate(self, event):
         """Return the chunks for one SSE event (possibly none)."""
-        check_stream_event(event, self.label)
+        check_event(event, self.label)
         _raise_if_prompt_blocked(event, self.label)
         self.usage = event.get("usageMetadata") or self.usage
         candidates = event.get("candidates")
@@ -415,49 +433,68 @@ def model_names(answer):
 class GeminiProvider(Provider):
     """Google's Gemini API."""
 
-    kind = "gemini"
+    def chat(self, body, model, call=None):
+        request = chat_body(body)
+        label = f"{self.name}/{model}"
+        with self.edge(label):
+            answer = self.send_json("POST", model_path(model, "generateContent"), request,
+                                    call=call, model=model)
+            return translate_answer(answer, label)
 
-    def chat(self, body, model):
-        answer = self.transport.request_json(
-            "POST", model_path(model, "generateContent"), chat_body(body), model=model)
-        return translate_answer(answer, f"{self.name}/{model}")
+    def stream_chat(self, body, model, call=None):
+        return self._chunks(chat_body(body), model, call)
 
-    def stream_chat(self, body, model):
-        translator = StreamTranslator(f"{self.name}/{model}")
-        stream = self.transport.open_stream(
-            model_path(model, "streamGenerateContent"), chat_body(body), model=model,
-            idle_timeout=self.stream_idle_timeout, params={"alt": "sse"})
-        try:
-            for event in sse_data(stream.lines()):
-                yield from translator.translate(event)
-            yield from translator.end()
-        finally:
-            stream.close()
+    def _chunks(self, request, model, call):
+        label = f"{self.name}/{model}"
+        translator = StreamTranslator(label)
+        with self.edge(label):
+            stream = self.open_stream(model_path(model, "streamGenerateContent"), request,
+                                      call=call, model=model, params={"alt": "sse"})
+            try:
+                for event in sse_data(split_lines(stream.chunks(), label), label):
+                    yield from translator.translate(event)
+                yield from translator.end()
+                stream.finished = True
+            finally:
+                stream.close()
 
-    def embed(self, inputs, model, body):
+    def embed(self, inputs, model, body, call=None):
         label = f"{self.name}/{model}"
         dimensions = (body or {}).get("dimensions")
         vectors = []
-        for start in range(0, len(inputs), _EMBED_BATCH):
-            batch = inputs[start:start + _EMBED_BATCH]
-            answer = self.transport.request_json(
-                "POST", model_path(model, "batchEmbedContents"),
-                embed_body(batch, model, dimensions), model=model)
-            vectors.extend(translate_embeddings(answer, len(batch), label))
+        with self.edge(label):
+            for start in range(0, len(inputs), _EMBED_BATCH):
+                batch = inputs[start:start + _EMBED_BATCH]
+                answer = self.send_json("POST", model_path(model, "batchEmbedContents"),
+                                        embed_body(batch, model, dimensions), call=call,
+                                        model=model)
+                vectors.extend(translate_embeddings(answer, len(batch), label))
         # Gemini reports no token count for embeddings.
         return vectors, 0
 
     def list_models(self, timeout=None):
         names, params = [], {"pageSize": 1000}
-        for _ in range(_MAX_MODEL_PAGES):
-            answer = self.transport.request_json("GET", "/models", params=params,
-                                                 read_timeout=timeout)
-            names.extend(model_names(answer))
-            token = answer.get("nextPageToken")
-            if not token:
-                break
-            params = {"pageSize": 1000, "pageToken": token}
+        with self.edge(self.name):
+            for _ in range(_MAX_MODEL_PAGES):
+                answer = self.send_json("GET", "/models", params=params, timeout=timeout)
+                names.extend(model_names(answer))
+                token = answer.get("nextPageToken")
+                if not token:
+                    break
+                params = {"pageSize": 1000, "pageToken": token}
         return names
 
     def probe(self, timeout):
-        self.transport.probe("/models", timeout)
+        self.probe_path("/models", timeout)
+
+    # Gemini's own error conventions, on top of the common classification.
+
+    def refuses_credentials(self, status, text):
+        # A bad key is a 400 INVALID_ARGUMENT with reason API_KEY_INVALID.
+        return super().refuses_credentials(status, text) or (
+            status == 400 and "API_KEY_INVALID" in text)
+
+    def retry_delay(self, text):
+        # A 429 says how long to wait in its body: "retryDelay": "39s".
+        match = _RETRY_DELAY.search(text)
+        return float(match.group(1)) if match else None

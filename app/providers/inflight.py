@@ -9,50 +9,70 @@ by the prober's tick, through the socket of the call:
   second cannot hold a thread for hours);
 - when a provider trips, the calls still waiting on it are aborted, so
   their callers move on to the next entry of their chain at once instead
-  of each waiting out its read timeout.
+  of each waiting out its read timeout;
+- when the caller of a committed stream has gone while its upstream is
+  silent, the stream's call is aborted, so the thread and the upstream's
+  generation are freed now rather than when the upstream speaks again
+  (the thread is blocked on the upstream and cannot see the caller go).
 
-Aborting shuts the socket down; the blocked read returns, and the
-transport reports the call with the reason it was aborted for.
+The walker registers a ``Call`` and passes it, as an argument, down to
+the transport, which attaches the socket it waits on and detaches it
+before the connection goes back to the pool. Aborting shuts the attached
+socket down; the blocked read returns, and the transport reports the
+call with the reason it was aborted for.
 """
 
+import select
 import socket
 import threading
 import time
-
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-
-_current = threading.local()
-# Which call owns each socket right now. A pooled connection outlives the
-# call that used it, so an abort only touches a socket its call still owns.
-_owners = {}
-_owners_lock = threading.Lock()
 
 
 class Call:
     """One call waiting on an upstream."""
 
-    __slots__ = ("provider", "started", "deadline", "aborted", "sock")
+    __slots__ = ("provider", "started", "deadline", "aborted", "_sock", "_lock")
 
     def __init__(self, provider, started):
         self.provider = provider
         self.started = started
         self.deadline = None     # monotonic; set by the transport for whole-answer calls
         self.aborted = None      # the reason, once aborted
-        self.sock = None
+        self._sock = None
+        self._lock = threading.Lock()
+
+    @property
+    def attached(self):
+        """Tell whether the call owns a socket right now."""
+        return self._sock is not None
+
+    def attach(self, sock):
+        """Own ``sock`` from now on; shut it at once if the call was already aborted."""
+        with self._lock:
+            self._sock = sock
+            if self.aborted is not None:
+                _shut(sock)
+
+    def detach(self):
+        """Give the socket up (its connection goes back to the pool): no abort reaches it."""
+        with self._lock:
+            self._sock = None
 
     def abort(self, reason):
         """Shut the call's socket down (if it still owns one) so its read returns."""
-        with _owners_lock:
+        # Under the lock: a socket detached and pooled meanwhile is never touched.
+        with self._lock:
             if self.aborted is None:
                 self.aborted = reason
-            sock = self.sock
-            if sock is None or _owners.get(sock) is not self:
-                return
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if self._sock is not None:
+                _shut(self._sock)
+
+
+def _shut(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class InFlight:
@@ -62,24 +82,19 @@ class InFlight:
         self._clock = clock
         self._lock = threading.Lock()
         self._calls = {}
+        self._watched = {}   # call of a committed stream -> its caller's socket
 
     def begin(self, provider):
-        """Register a call made by this thread; return it."""
+        """Register a call to ``provider``; return it (pass it to the provider)."""
         call = Call(provider, self._clock())
         with self._lock:
             self._calls.setdefault(provider, set()).add(call)
-        _current.call = call
         return call
 
     def end(self, call):
-        """Forget a call: from now on nothing can abort its (pooled) socket."""
+        """Forget a call: from now on nothing aborts it."""
         with self._lock:
             self._calls.get(call.provider, set()).discard(call)
-        with _owners_lock:
-            if call.sock is not None and _owners.get(call.sock) is call:
-                del _owners[call.sock]
-        if getattr(_current, "call", None) is call:
-            _current.call = None
 
     def started_times(self, provider):
         with self._lock:
@@ -101,60 +116,31 @@ class InFlight:
         for call in late:
             call.abort("ReadTimeout")
 
+    def watch(self, call, caller):
+        """Abort ``call`` (a committed stream's) if the ``caller`` socket closes."""
+        with self._lock:
+            self._watched[call] = caller
 
-def current_call():
-    """Return the call this thread is making, if the router registered one."""
-    return getattr(_current, "call", None)
+    def unwatch(self, call):
+        with self._lock:
+            self._watched.pop(call, None)
 
-
-def _attach(sock):
-    call = current_call()
-    if call is None or sock is None:
-        return
-    with _owners_lock:
-        if call.sock is not None and _owners.get(call.sock) is call:
-            del _owners[call.sock]  # a call that sends again owns only its latest socket
-        call.sock = sock
-        _owners[sock] = call
-    if call.aborted is not None:
-        call.abort(call.aborted)
-
-
-class _WatchedHTTPConnection(HTTPConnection):
-    def getresponse(self, *args, **kwargs):
-        _attach(self.sock)
-        return super().getresponse(*args, **kwargs)
+    def abort_orphans(self):
+        """Abort the watched calls whose caller has closed its connection."""
+        with self._lock:
+            watched = list(self._watched.items())
+        for call, caller in watched:
+            if caller_left(caller):
+                call.abort("caller-left")
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def getresponse(self, *args, **kwargs):
-        _attach(self.sock)
-        return super().getresponse(*args, **kwargs)
-
-
-def _release(conn):
-    """A connection goes back to the pool: no call owns its socket any more."""
-    sock = getattr(conn, "sock", None)
-    if sock is None:
-        return
-    with _owners_lock:
-        call = _owners.pop(sock, None)
-        if call is not None and call.sock is sock:
-            call.sock = None
-
-
-class _ReleasingPool:
-    def _put_conn(self, conn):
-        _release(conn)
-        super()._put_conn(conn)
-
-
-class _WatchedHTTPPool(_ReleasingPool, HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-
-
-class _WatchedHTTPSPool(_ReleasingPool, HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-POOL_CLASSES = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+def caller_left(sock):
+    """Tell whether the peer of ``sock`` closed it (readable, and at its end)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        # Peeking leaves whatever the caller sent for the worker to read.
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset, or already closed by the worker
+        return True

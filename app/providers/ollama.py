@@ -9,7 +9,8 @@ import json
 import re
 
 from app import errors, shapes
-from app.providers.base import Provider, check_stream_event
+from app.providers.base import Provider
+from app.streaming import check_event, split_lines
 
 # Model families Ollama can run tool calls with (SPEC §4).
 TOOL_FAMILIES = ("llama3.1", "llama3.2", "llama3.3", "qwen2.5", "qwen3", "mistral",
@@ -51,31 +52,32 @@ def _message_parts(content):
     return "\n".join(texts), images
 
 
-def _tool_calls_to_ollama(tool_calls):
+def _tool_calls_to_ollama(tool_calls, where):
     out = []
-    for call in tool_calls:
-        function = call.get("function") or {}
-        arguments = function.get("arguments") or "{}"
+    for index, call in enumerate(tool_calls):
+        name, arguments = shapes.tool_call_function(call, f"{where}[{index}]")
+        arguments = arguments or "{}"
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
             except ValueError:
                 raise errors.InvalidRequest("tool call arguments must be a JSON string",
                                             param="messages") from None
-        out.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
+        out.append({"function": {"name": name, "arguments": arguments}})
     return out
 
 
 def chat_body(body, model, stream):
     """Return Ollama's ``/api/chat`` body for our request."""
     messages = []
-    for message in body["messages"]:
+    for index, message in enumerate(body["messages"]):
         text, images = _message_parts(message.get("content"))
         out = {"role": message["role"], "content": text}
         if images:
             out["images"] = images
         if message.get("tool_calls"):
-            out["tool_calls"] = _tool_calls_to_ollama(message["tool_calls"])
+            out["tool_calls"] = _tool_calls_to_ollama(message["tool_calls"],
+                                                      f"messages[{index}].tool_calls")
         if message["role"] == "tool" and message.get("name"):
             out["tool_name"] = message["name"]
         messages.append(out)
@@ -86,11 +88,11 @@ def chat_body(body, model, stream):
         options["stop"] = [options["stop"]]  # Ollama takes only a list
     if options:
         request["options"] = options
-    response_format = body.get("response_format") or {}
-    if response_format.get("type") == "json_object":
+    kind = (body.get("response_format") or {}).get("type")
+    if kind == "json_object":
         request["format"] = "json"
-    elif response_format.get("type") == "json_schema":
-        request["format"] = response_format["json_schema"].get("schema", {})
+    elif kind == "json_schema":
+        request["format"] = shapes.json_schema_of(body) or {}
     if body.get("tools"):
         request["tools"] = body["tools"]
     return request
@@ -151,7 +153,7 @@ class StreamTranslator(shapes.ChunkStream):
         except ValueError:
             raise errors.UpstreamError(f"{self.label}: malformed stream line",
                                        reason="malformed-response") from None
-        check_stream_event(event, self.label)
+        check_event(event, self.label)
         message = event.get("message") or {}
         delta = self.delta(message.get("content"),
                            _tool_calls_from_ollama(message.get("tool_calls")))
@@ -166,8 +168,6 @@ class StreamTranslator(shapes.ChunkStream):
 class OllamaProvider(Provider):
     """The local Ollama server."""
 
-    kind = "ollama"
-
     def check_capabilities(self, body, model):
         if body.get("tools") and not supports_tools(model):
             raise errors.CapabilityError(
@@ -175,49 +175,50 @@ class OllamaProvider(Provider):
                 f"({', '.join(TOOL_FAMILIES)}) or an alias such as mana/structured",
                 param="tools")
 
-    def chat(self, body, model):
-        answer = self.transport.request_json("POST", "/api/chat",
-                                             chat_body(body, model, False), model=model)
-        wants_json = bool(body.get("response_format"))
-        return translate_answer(answer, f"{self.name}/{model}", wants_json)
+    def chat(self, body, model, call=None):
+        self.check_capabilities(body, model)
+        request = chat_body(body, model, False)
+        label = f"{self.name}/{model}"
+        with self.edge(label):
+            answer = self.send_json("POST", "/api/chat", request, call=call, model=model)
+            return translate_answer(answer, label, bool(body.get("response_format")))
 
-    def stream_chat(self, body, model):
-        translator = StreamTranslator(f"{self.name}/{model}")
-        stream = self.transport.open_stream("/api/chat", chat_body(body, model, True),
-                                            model=model,
-                                            idle_timeout=self.stream_idle_timeout)
-        try:
-            for line in stream.lines():
-                if line.strip():
-                    yield from translator.translate(line)
-                if translator.done:
-                    stream.finished = True
-                    return
-            raise errors.UpstreamError(f"ollama/{model}: stream ended before done",
-                                       reason="closed-early")
-        finally:
-            stream.close()
+    def stream_chat(self, body, model, call=None):
+        self.check_capabilities(body, model)
+        return self._chunks(chat_body(body, model, True), model, call)
 
-    def embed(self, inputs, model, body):
-        answer = self.transport.request_json("POST", "/api/embed",
-                                             {"model": model, "input": inputs}, model=model)
-        try:
+    def _chunks(self, request, model, call):
+        label = f"{self.name}/{model}"
+        translator = StreamTranslator(label)
+        with self.edge(label):
+            stream = self.open_stream("/api/chat", request, call=call, model=model)
+            try:
+                for line in split_lines(stream.chunks(), label):
+                    if line.strip():
+                        yield from translator.translate(line)
+                    if translator.done:
+                        stream.finished = True
+                        return
+                raise errors.UpstreamError(f"{label}: stream ended before done",
+                                           reason="closed-early")
+            finally:
+                stream.close()
+
+    def embed(self, inputs, model, body, call=None):
+        label = f"{self.name}/{model}"
+        with self.edge(label):
+            answer = self.send_json("POST", "/api/embed", {"model": model, "input": inputs},
+                                    call=call, model=model)
             vectors = [[float(x) for x in v] for v in answer["embeddings"]]
-        except (KeyError, TypeError, ValueError):
-            raise errors.UpstreamError(f"ollama/{model}: malformed embeddings",
-                                       reason="malformed-response") from None
-        if len(vectors) != len(inputs):
-            raise errors.UpstreamError(f"ollama/{model}: wrong number of embeddings",
-                                       reason="malformed-response")
-        return vectors, answer.get("prompt_eval_count", 0)
+            if len(vectors) != len(inputs):
+                raise errors.UpstreamError(f"{label}: wrong number of embeddings",
+                                           reason="malformed-response")
+            return vectors, answer.get("prompt_eval_count", 0)
 
     def list_models(self, timeout=None):
-        answer = self.transport.request_json("GET", "/api/tags", read_timeout=timeout)
-        try:
+        with self.edge(self.name):
+            answer = self.send_json("GET", "/api/tags", timeout=timeout)
             return [str(m["name"]) for m in answer["models"]]
-        except (KeyError, TypeError):
-            raise errors.UpstreamError("ollama: malformed model list",
-                                       reason="malformed-response") from None
 
     def probe(self, timeout):
-        self.transport.probe("/api/tags", timeout)
+        self.probe_path("/api/tags", timeout)

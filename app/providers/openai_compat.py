@@ -6,13 +6,17 @@ fields included) with the upstream's model name, and every answer's
 """
 
 from app import errors, shapes
-from app.providers.base import Provider, check_stream_event, sse_data
+from app.providers.base import Provider
+from app.streaming import check_event, split_lines, sse_data
 
 
 def upstream_body(body, model, stream):
     """Return the upstream request: the caller's body with the upstream model name."""
     out = dict(body)
     out["model"] = model
+    if out.get("tools") == []:
+        # OpenAI rejects an empty tools array; no tools is what the caller means.
+        out.pop("tools")
     if stream:
         out["stream"] = True
         # Ask for usage so tokens can be counted; the caller's own
@@ -42,7 +46,7 @@ def translate_completion(answer, label):
 
 def translate_chunk(event, label):
     """Return one stream chunk with ``model`` rewritten; an in-stream error raises."""
-    check_stream_event(event, label)
+    check_event(event, label)
     event["model"] = label
     event.setdefault("object", "chat.completion.chunk")
     return event
@@ -51,56 +55,53 @@ def translate_chunk(event, label):
 class OpenAICompatProvider(Provider):
     """A provider that speaks the OpenAI Chat Completions API."""
 
-    kind = "openai"
-
-    def chat(self, body, model):
-        answer = self.transport.request_json(
-            "POST", "/chat/completions", upstream_body(body, model, False), model=model)
-        return translate_completion(answer, f"{self.name}/{model}")
-
-    def stream_chat(self, body, model):
+    def chat(self, body, model, call=None):
+        request = upstream_body(body, model, False)
         label = f"{self.name}/{model}"
-        stream = self.transport.open_stream(
-            "/chat/completions", upstream_body(body, model, True), model=model,
-            idle_timeout=self.stream_idle_timeout)
-        try:
-            finished = False
-            for event in sse_data(stream.lines()):
-                chunk = translate_chunk(event, label)
-                finished = finished or any(c.get("finish_reason")
-                                           for c in chunk.get("choices") or ())
-                yield chunk
-            if not finished:
-                raise errors.UpstreamError(f"{label}: stream ended without a finish",
-                                           reason="closed-early")
-            stream.finished = True
-        finally:
-            stream.close()
+        with self.edge(label):
+            answer = self.send_json("POST", "/chat/completions", request, call=call,
+                                    model=model)
+            return translate_completion(answer, label)
 
-    def embed(self, inputs, model, body):
+    def stream_chat(self, body, model, call=None):
+        return self._chunks(upstream_body(body, model, True), model, call)
+
+    def _chunks(self, request, model, call):
+        label = f"{self.name}/{model}"
+        with self.edge(label):
+            stream = self.open_stream("/chat/completions", request, call=call, model=model)
+            try:
+                finished = False
+                for event in sse_data(split_lines(stream.chunks(), label), label):
+                    chunk = translate_chunk(event, label)
+                    finished = finished or any(c.get("finish_reason")
+                                               for c in chunk.get("choices") or ())
+                    yield chunk
+                if not finished:
+                    raise errors.UpstreamError(f"{label}: stream ended without a finish",
+                                               reason="closed-early")
+                stream.finished = True
+            finally:
+                stream.close()
+
+    def embed(self, inputs, model, body, call=None):
         request = {"model": model, "input": inputs, "encoding_format": "float"}
         if body.get("dimensions") is not None:
             request["dimensions"] = body["dimensions"]
-        answer = self.transport.request_json("POST", "/embeddings", request, model=model)
-        try:
+        label = f"{self.name}/{model}"
+        with self.edge(label):
+            answer = self.send_json("POST", "/embeddings", request, call=call, model=model)
             data = sorted(answer["data"], key=lambda d: d.get("index", 0))
             vectors = [[float(x) for x in d["embedding"]] for d in data]
-            tokens = (answer.get("usage") or {}).get("prompt_tokens", 0)
-        except (KeyError, TypeError, ValueError):
-            raise errors.UpstreamError(f"{self.name}/{model}: malformed embeddings",
-                                       reason="malformed-response") from None
-        if len(vectors) != len(inputs):
-            raise errors.UpstreamError(f"{self.name}/{model}: wrong number of embeddings",
-                                       reason="malformed-response")
-        return vectors, tokens
+            if len(vectors) != len(inputs):
+                raise errors.UpstreamError(f"{label}: wrong number of embeddings",
+                                           reason="malformed-response")
+            return vectors, (answer.get("usage") or {}).get("prompt_tokens", 0)
 
     def list_models(self, timeout=None):
-        answer = self.transport.request_json("GET", "/models", read_timeout=timeout)
-        try:
+        with self.edge(self.name):
+            answer = self.send_json("GET", "/models", timeout=timeout)
             return [str(m["id"]) for m in answer["data"]]
-        except (KeyError, TypeError):
-            raise errors.UpstreamError(f"{self.name}: malformed model list",
-                                       reason="malformed-response") from None
 
     def probe(self, timeout):
-        self.transport.probe("/models", timeout)
+        self.probe_path("/models", timeout)

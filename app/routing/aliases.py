@@ -1,10 +1,9 @@
-"""Aliases: load and validate ``aliases.yaml``, hold them, resolve model strings.
+"""Aliases: load and validate ``aliases.yaml``, resolve model strings to routes.
 
 A file that breaks any rule is rejected whole with a message naming the
 alias and the rule, so a reload can never half-apply.
 """
 
-import threading
 from dataclasses import dataclass
 
 import yaml
@@ -40,7 +39,7 @@ class Alias:
 
 @dataclass(frozen=True)
 class AliasTable:
-    """A validated alias file: immutable, so it can be swapped atomically."""
+    """A validated alias file (immutable: every worker reads it, none changes it)."""
 
     aliases: dict
     default: str
@@ -142,26 +141,6 @@ def load_aliases(path):
     return parse_aliases(doc)
 
 
-class AliasRegistry:
-    """The worker's current alias table; reads see one whole table, never a mix."""
-
-    def __init__(self, table):
-        self._lock = threading.Lock()
-        self._table = table
-
-    @property
-    def table(self):
-        return self._table
-
-    def swap(self, table):
-        """Replace the table at once."""
-        with self._lock:
-            self._table = table
-
-    def get(self, name):
-        return self._table.aliases.get(name)
-
-
 def check_model_string(model):
     """Raise InvalidRequest for a model string that must not go further."""
     if not isinstance(model, str):
@@ -179,23 +158,35 @@ def check_model_string(model):
                                     "non-ASCII characters", param="model")
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes: the model string as asked (the default filled in),
+    the alias it names (None for a direct model) and the chain to walk."""
+
+    asked: str
+    alias: str
+    entries: tuple
+
+
 def resolve_chain(model, table, known_providers):
-    """Return ``(alias_name or None, [Entry, ...])`` for a request's model string."""
+    """Return the Route for a request's model string (None or "" means the default)."""
     if model is None or model == "":
         model = table.default
     check_model_string(model)
     alias = table.aliases.get(model)
     if alias is not None:
-        return alias.name, list(alias.chain)
+        return Route(model, alias.name, alias.chain)
     if model.startswith("mana/"):
         raise errors.ModelNotFound(
             f"unknown alias {model!r}; known aliases: {', '.join(sorted(table.aliases))}",
             param="model")
     if "/" not in model:
-        return None, [Entry("ollama", model)]
-    entry = split_entry(model)
+        return Route(model, None, (Entry("ollama", model),))
+    provider, _, name = model.partition("/")
+    # The prefix names a provider, case-insensitively ("Ollama/gemma3:4b").
+    entry = Entry(provider.lower(), name)
     if entry.provider not in known_providers or not entry.model:
         raise errors.ModelNotFound(
             f"unknown provider {entry.provider!r}; known providers: "
             f"{', '.join(known_providers)}", param="model")
-    return None, [entry]
+    return Route(model, None, (entry,))

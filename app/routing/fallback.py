@@ -1,29 +1,20 @@
-"""The chain walk: try each entry of a resolved chain until one answers.
+"""The chain walk: try each entry of a resolved route until one answers.
 
 Plain chat, streamed chat (until the first chunk with content) and
 embeddings all go through ``ChainWalker.walk``. What a failure means for
 the walk is a fact of the error's class (``on_failure`` in
-``app.errors``), so the classification lives in one place.
+``app.errors``), so the classification lives in one place. The walk
+sees only our errors: providers translate every other failure at their
+edge, so anything else is a bug of ours, which reaches the caller as a
+500 and says nothing about a provider's health.
 """
 
-import logging
+import functools
 import time
 from dataclasses import dataclass
 
 from app import errors
-
-log = logging.getLogger(__name__)
-
-# What translating an answer of a shape we did not expect raises.
-SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
-
-
-def misshapen(entry, exc):
-    """Return the retryable error for an upstream answer the translation choked on."""
-    # Logged with its traceback: it may also be a bug of ours.
-    log.warning("unexpected answer shape from %s", entry.label, exc_info=True)
-    return errors.UpstreamError(f"{entry.label}: malformed answer ({type(exc).__name__})",
-                                reason="malformed-response")
+from app.streaming import CommittedStream
 
 
 @dataclass
@@ -51,21 +42,27 @@ class Outcome:
 
 
 class ChainWalker:
-    """Walk chains with the health cache, the calls-in-flight registry and the recorder."""
+    """Walk routes with the health cache, the calls-in-flight registry and the recorder."""
 
-    def __init__(self, providers, health, inflight, recorder, redactor):
+    def __init__(self, providers, health, inflight, recorder):
         self._providers = providers
         self._health = health
         self._inflight = inflight
         self._recorder = recorder
-        self._redactor = redactor
 
-    def walk(self, entries, call, *, asked, alias=None, streaming=False):
-        """Return the Outcome of the first entry whose ``call(provider, entry)`` succeeds."""
+    def walk(self, route, ask, *, streaming=False, caller=None):
+        """Return the Outcome of the first entry whose ``ask(provider, entry, call)`` succeeds.
+
+        ``call`` is the in-flight registration to pass down to the
+        transport. With ``streaming``, ``ask`` returns a primed stream and
+        the result is a ``CommittedStream`` that keeps its own books; if the
+        ``caller`` socket closes while the stream runs, its call is aborted.
+        """
         attempts = []
         served = None
+        refused = []    # CapabilityErrors of entries that cannot serve this request
         try:
-            for index, entry in enumerate(entries):
+            for index, entry in enumerate(route.entries):
                 provider = self._providers.get(entry.provider)
                 if provider is None or not provider.configured:
                     attempts.append(Attempt(entry.label, "unconfigured", index))
@@ -75,56 +72,69 @@ class ChainWalker:
                     attempts.append(Attempt(entry.label, "cache-unhealthy", index,
                                             retry_after=wait))
                     continue
-                outcome = self._try(provider, entry, call, attempts, index, asked,
-                                    streaming)
+                try:
+                    outcome = self._try(provider, entry, ask, attempts, index, route.asked,
+                                        streaming, caller)
+                except errors.CapabilityError as error:
+                    if route.alias is None:
+                        raise
+                    # In an alias, an entry that cannot serve this request is
+                    # skipped; a later one may (another model, URLs allowed).
+                    refused.append(error)
+                    attempts.append(Attempt(entry.label, error.reason, index))
+                    continue
                 if outcome is not None:
                     served = entry
                     return outcome
-            raise exhausted(attempts, asked)
+            raise exhausted(attempts, route.asked, refused)
         finally:
-            self._recorder.chain_done(attempts, entries, alias, served)
+            self._recorder.chain_done(attempts, route.entries, route.alias, served)
 
-    def _try(self, provider, entry, call, attempts, index, asked, streaming):
+    def _try(self, provider, entry, ask, attempts, index, asked, streaming, caller):
         started = time.perf_counter()
-        in_flight = self._inflight.begin(entry.provider)
+        call = self._inflight.begin(entry.provider)
         try:
-            result = call(provider, entry)
+            try:
+                result = ask(provider, entry, call)
+            finally:
+                # Before the failure is recorded: a trip aborts the calls still in flight.
+                self._inflight.end(call)
         except errors.GatewayError as error:
-            failure = error
-        except SHAPE_ERRORS as exc:
-            failure = misshapen(entry, exc)
-        else:
-            failure = None
-        finally:
-            # Before the failure is recorded: a trip aborts the calls still in flight.
-            self._inflight.end(in_flight)
-        if failure is not None:
-            return self._failed(entry, failure, attempts, index, asked, streaming)
+            self._record_failure(entry, error, asked)
+            if error.on_failure == "stop":
+                raise
+            attempts.append(Attempt(entry.label, error.reason, index, made=True,
+                                    retry_after=getattr(error, "retry_after", None)))
+            return None
+        except BaseException:
+            # A bug of ours (or the caller leaving) says nothing about the
+            # provider: record nothing, but end a half-open trial.
+            self._health.release(entry.provider)
+            raise
         seconds = time.perf_counter() - started
         if streaming:
             # A first chunk is not yet a good answer: the stream counts as a
-            # success when it ends cleanly (record_stream_success), so a
-            # provider that breaks every stream mid-way still trips.
+            # success when it ends cleanly, so a provider that breaks every
+            # stream mid-way still trips.
             self._health.release(entry.provider)
+            result = self._commit(result, entry, asked, call, caller)
         else:
             self._health.record_success(entry.provider)
         self._recorder.llm_success(entry, streaming, seconds)
         return Outcome(entry, result, attempts, seconds)
 
-    def _failed(self, entry, error, attempts, index, asked, streaming):
-        """Record a failed call; raise it if it stops the walk, else note the attempt."""
-        # Upstream text can echo our key: clean it before anything keeps it.
-        error.message = self._redactor.redact(error.message)
-        self._recorder.llm_error(entry, asked, error.reason, streaming)
-        self._note_failure(entry, error)
-        if error.on_failure == "stop":
-            raise error
-        attempts.append(Attempt(entry.label, error.reason, index, made=True,
-                                retry_after=getattr(error, "retry_after", None)))
-        return None
+    def _commit(self, primed, entry, asked, call, caller):
+        """Return the CommittedStream for a primed stream; watch its caller, if known."""
+        on_close = None
+        if caller is not None:
+            self._inflight.watch(call, caller)
+            on_close = functools.partial(self._inflight.unwatch, call)
+        settle = functools.partial(self._settle_stream, entry, asked)
+        return CommittedStream(primed, entry, settle, self._recorder, on_close)
 
-    def _note_failure(self, entry, error):
-        """Tell the health cache what a failed call says about the provider."""
+    def _record_failure(self, entry, error, asked):
+        """Tell the metrics and the health cache what a failed call says about the provider."""
+        self._recorder.llm_error(entry, asked, error.reason)
         if error.on_failure == "trip":
             self._health.record_failure(entry.provider, error.message)
         elif error.on_failure == "cooldown":
@@ -132,19 +142,18 @@ class ChainWalker:
         else:
             self._health.release(entry.provider)
 
-    def record_stream_success(self, entry):
-        """Mark the provider healthy: its committed stream ended cleanly."""
-        self._health.record_success(entry.provider)
-
-    def record_stream_failure(self, entry, error, asked):
-        """Count a failure after a stream was committed against its provider."""
-        error.message = self._redactor.redact(error.message)
-        self._recorder.llm_error(entry, asked, error.reason, True)
-        self._note_failure(entry, error)
+    def _settle_stream(self, entry, asked, error):
+        """Record how a committed stream ended: cleanly (None) or with ``error``."""
+        if error is None:
+            self._health.record_success(entry.provider)
+        else:
+            self._record_failure(entry, error, asked)
 
 
-def exhausted(attempts, asked):
+def exhausted(attempts, asked, refused=()):
     """Return the error for a chain whose every entry was skipped or failed."""
+    if refused and all(a.reason in ("capability", "unconfigured") for a in attempts):
+        return refused[0]   # no entry could serve it: the caller must change the request
     made = [a for a in attempts if a.made]
     public = [a.public() for a in attempts]
     if made and all(a.reason == errors.UpstreamModelNotFound.reason for a in made):

@@ -17,6 +17,11 @@ never delays another or a request, for every provider that is due:
   the first caller is still waiting, and the callers after it skip it.
   A healthy provider answers a probe (one cheap GET) at once, so one
   that is merely slow to generate gets one extra GET per SUSPECT_GAP.
+
+The prober is also the one place that aborts the calls still waiting on
+a provider once it is skipped: when the health cache trips it (whoever
+recorded the failure), and when a probe fails while it is already tripped
+(a half-open trial that hangs, say).
 """
 
 import logging
@@ -37,14 +42,15 @@ SECOND_OPINION_AFTER = 1.0
 class Prober:
     """Probe every configured provider in the background and feed the health cache."""
 
-    def __init__(self, providers, health, *, interval, timeout, redactor, inflight,
-                 clock=time.monotonic):
+    def __init__(self, providers, health, *, interval, timeout, inflight,
+                 clock=time.monotonic, spawn=None):
         self._providers = providers
+        # How a probe is started: its own short thread (tests run it inline).
+        self._spawn = spawn or _in_thread
         self._health = health
         self._interval = interval
         self._timeout = timeout
         self._clock = clock
-        self._redactor = redactor
         self._lock = threading.Lock()
         self._due = {name: 0.0 for name in providers}
         self._probing = {name: 0 for name in providers}
@@ -52,6 +58,7 @@ class Prober:
         self._inflight = inflight
         self._stop = threading.Event()
         self._thread = None
+        health.subscribe(self._health_changed)
 
     def start(self):
         """Start the probe loop (call after fork: threads do not survive it)."""
@@ -67,6 +74,7 @@ class Prober:
     def _loop(self):
         while True:
             self._inflight.enforce_deadlines()
+            self._inflight.abort_orphans()
             self.probe_due()
             if self._stop.wait(TICK):
                 return
@@ -76,8 +84,7 @@ class Prober:
         now = self._clock()
         for name in self._providers:
             if self._is_due(name, now):
-                threading.Thread(target=self.probe_one, args=(name,), daemon=True,
-                                 name=f"mana-llm-probe-{name}").start()
+                self._spawn(self.probe_one, name)
 
     def _is_due(self, name, now):
         with self._lock:
@@ -106,9 +113,10 @@ class Prober:
             self._providers[name].probe(self._timeout)
         except GatewayError as exc:
             self._record_failure(name, exc)
-        except Exception as exc:  # a bug in a probe must not kill the prober
+        except Exception:
+            # A bug of ours must neither kill the prober nor count against the provider.
             log.exception("probe of %s crashed", name)
-            self._record_failure(name, exc)
+            self._schedule(name, self._interval)
         else:
             self._health.record_probe_ok(name)
             self._schedule(name, self._interval)
@@ -117,16 +125,28 @@ class Prober:
                 self._probing[name] -= 1
 
     def _record_failure(self, name, exc):
-        message = self._redactor.redact(getattr(exc, "message", None) or type(exc).__name__)
+        message = exc.message  # redacted at the provider's edge
         log.info("probe of %s failed: %s", name, message)
         self._health.record_failure(name, f"probe: {message}")
         tripped = self._health.in_backoff(name)
         if tripped:
-            # Calls still waiting on a tripped provider (a half-open trial,
-            # say) would otherwise wait out their whole read timeout.
-            self._inflight.abort_provider(name, "provider-tripped")
+            self._abandon_calls(name)
         self._schedule(name, self._interval if tripped else RETRY_SOON)
+
+    def _health_changed(self, name, healthy):
+        if not healthy:
+            self._abandon_calls(name)
+
+    def _abandon_calls(self, name):
+        # Callers still waiting on a skipped provider move on to their next
+        # entry now instead of each waiting out its read timeout.
+        self._inflight.abort_provider(name, "provider-tripped")
 
     def _schedule(self, name, delay):
         with self._lock:
             self._due[name] = self._clock() + delay
+
+
+def _in_thread(probe, name):
+    threading.Thread(target=probe, args=(name,), daemon=True,
+                     name=f"mana-llm-probe-{name}").start()
