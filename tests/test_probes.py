@@ -109,3 +109,22 @@ def test_a_bug_in_a_probe_is_not_a_provider_failure(setup, clock):
     clock.advance(probes.RETRY_SOON)
     prober.probe_due()
     assert provider.probes == 1  # rescheduled at the interval, not retried soon
+
+
+def test_a_tripped_provider_is_probed_every_few_seconds_and_recovers_by_one_trial(setup, clock):
+    prober, provider, health, _ = setup
+    provider.failing = errors.UpstreamUnavailable("refused", reason="ConnectionError")
+    prober.probe_due()
+    clock.advance(probes.RETRY_SOON)
+    prober.probe_due()
+    assert health.is_tripped("ollama")
+    clock.advance(probes.TRIPPED_EVERY + 0.1)
+    prober.probe_due()
+    assert provider.probes == 3  # well inside the 60 s backoff
+    assert not health.admit("ollama")
+    provider.failing = None
+    clock.advance(probes.TRIPPED_EVERY + 0.1)
+    prober.probe_due()
+    assert provider.probes == 4
+    assert health.admit("ollama")       # the one trial, long before the backoff ends
+    assert not health.admit("ollama")   # and only one

@@ -8,6 +8,10 @@ never delays another or a request, for every provider that is due:
 - ``RETRY_SOON`` seconds after a failed probe while the provider is not
   yet tripped, so two failures (the default threshold) come within
   seconds rather than a whole interval apart;
+- every ``TRIPPED_EVERY`` seconds while the provider is tripped, so a
+  recovered provider is noticed within seconds: a probe that answers
+  during the backoff makes the next call the single half-open trial
+  (the health cache decides; a failed trial re-arms the whole backoff);
 - when a call to the provider has been waiting longer than
   ``STUCK_AFTER`` (at most once per ``SUSPECT_GAP``, since long
   generations are normal); and if that probe itself has not answered
@@ -37,6 +41,7 @@ RETRY_SOON = 0.5
 STUCK_AFTER = 1.0
 SUSPECT_GAP = 5.0
 SECOND_OPINION_AFTER = 1.0
+TRIPPED_EVERY = 3.0
 
 
 class Prober:
@@ -91,6 +96,8 @@ class Prober:
             probing, since = self._probing[name], now - self._last_started[name]
             if probing == 0 and now >= self._due[name]:
                 due = True
+            elif probing == 0 and since > TRIPPED_EVERY and self._health.is_tripped(name):
+                due = True
             elif self._health.in_backoff(name):
                 due = False  # already skipped: the scheduled probes are enough
             elif probing == 0:
@@ -127,7 +134,7 @@ class Prober:
     def _record_failure(self, name, exc):
         message = exc.message  # redacted at the provider's edge
         log.info("probe of %s failed: %s", name, message)
-        self._health.record_failure(name, f"probe: {message}")
+        self._health.record_failure(name, f"probe: {message}", probe=True)
         tripped = self._health.in_backoff(name)
         if tripped:
             self._abandon_calls(name)
