@@ -1,0 +1,88 @@
+"""SIGTERM drains: new connections are refused at once, streams in flight finish whole."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import REPO, provider_env, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CHUNKS = 30
+
+
+def stream_chat(url, into):
+    """Stream one chat answer, appending each data line to ``into``."""
+    body = {"model": "ollama/qwen2.5:7b", "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True,
+                       timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith(b"data: "):
+                into.append(line[len(b"data: "):])
+
+
+def probe(port):
+    """Return "refused", or "served" if a new connection was answered, else "hung"."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+    except ConnectionRefusedError:
+        return "refused"
+    with sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+            return "served" if sock.recv(64).startswith(b"HTTP/1.1 200") else "hung"
+        except OSError:
+            return "hung"
+
+
+def test_term_refuses_new_connections_and_finishes_streams(gateway_factory, fake_factory):
+    fake = fake_factory("ollama")
+    env = dict(provider_env({"ollama": fake}), ALIASES_PATH=os.path.join(REPO, "aliases.yaml"))
+    gateway = gateway_factory(env)
+    fake.behave("slow_stream", chunks=CHUNKS, interval=0.15)  # ~4.5 s
+    lines = []
+    streamer = threading.Thread(target=stream_chat, args=(gateway.url, lines))
+    streamer.start()
+    try:
+        assert wait_until(lambda: len(lines) >= 2, timeout=10), "the stream did not start"
+        gateway.process.send_signal(signal.SIGTERM)
+        termed = time.monotonic()
+        probes = []
+        while time.monotonic() - termed < 3 and "refused" not in probes:
+            probes.append(probe(gateway.port))
+        refused_after = time.monotonic() - termed
+        streamer.join(timeout=30)
+        assert not streamer.is_alive()
+        gateway.process.wait(timeout=20)
+    finally:
+        streamer.join(timeout=1)
+    print(f"probes after TERM: {probes}; refused {refused_after:.2f} s after TERM; "
+          f"stream had {len(lines)} data lines")
+    assert probes[-1] == "refused", "new connections were still accepted during the drain"
+    assert "hung" not in probes, "a new connection was accepted but never answered"
+    assert lines[-1] == b"[DONE]", "the stream in flight was cut by the drain"
+    text = "".join(choice["delta"].get("content") or ""
+                   for line in lines[:-1] for choice in json.loads(line)["choices"])
+    assert len(text.split()) == CHUNKS
+    assert gateway.process.returncode == 0
+
+
+def test_term_with_nothing_in_flight_exits_promptly(gateway_factory, fake_factory):
+    fake = fake_factory("ollama")
+    env = dict(provider_env({"ollama": fake}), ALIASES_PATH=os.path.join(REPO, "aliases.yaml"))
+    gateway = gateway_factory(env)
+    assert requests.get(gateway.url + "/health", timeout=5).status_code == 200
+    gateway.process.send_signal(signal.SIGTERM)
+    try:
+        gateway.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the master did not exit after TERM with nothing in flight")
+    assert probe(gateway.port) == "refused"
