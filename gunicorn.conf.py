@@ -155,10 +155,21 @@ def worker_exit(server, worker):
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges from the aggregated metrics."""
+    """Fold a dead worker's counters into the metrics archive; drop its live gauges."""
+    # Imported here, not at the top: prometheus_client must be imported
+    # only after on_starting has set PROMETHEUS_MULTIPROC_DIR.
     from prometheus_client import multiprocess
 
+    from serving.metrics_archive import archive_dead_worker
+
     multiprocess.mark_process_dead(worker.pid)
+    try:
+        archive_dead_worker(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker.pid)
+    except Exception as exc:
+        # An exception escaping this hook would stop the master; the dead
+        # worker's files stay and are still counted.
+        _log.error("mana-llm: could not archive the metrics of worker %s: %s",
+                   worker.pid, exc)
 
 
 def on_exit(server):

@@ -86,3 +86,21 @@ def test_term_with_nothing_in_flight_exits_promptly(gateway_factory, fake_factor
     except subprocess.TimeoutExpired:
         pytest.fail("the master did not exit after TERM with nothing in flight")
     assert probe(gateway.port) == "refused"
+
+
+def test_pidfile_names_the_master_for_hup(gateway_factory, fake_factory, tmp_path):
+    fake = fake_factory("ollama")
+    pidfile = tmp_path / "mana-llm.pid"
+    env = dict(provider_env({"ollama": fake}), ALIASES_PATH=os.path.join(REPO, "aliases.yaml"),
+               PIDFILE=str(pidfile))
+    gateway = gateway_factory(env)
+    master = int(pidfile.read_text().strip())
+    assert master == gateway.process.pid
+    old_workers = set(gateway.worker_pids())
+    os.kill(master, signal.SIGHUP)  # what `kill -HUP $(cat "$PIDFILE")` does
+    assert wait_until(lambda: len(set(gateway.worker_pids()) - old_workers) == 2
+                      and not old_workers & set(gateway.worker_pids()), timeout=30), \
+        "HUP to the pidfile's PID did not replace the workers"
+    gateway.process.send_signal(signal.SIGTERM)
+    gateway.process.wait(timeout=20)
+    assert not pidfile.exists(), "the pidfile outlived the master"
