@@ -142,9 +142,10 @@ def test_stalled_body_is_disconnected(gateway_factory, slow_env):
 def test_client_that_stops_reading_a_stream_is_cut_off(gateway_factory, slow_env):
     fake, env = slow_env
     gateway = gateway_factory(env)
-    # ~4 MB in 4 KB chunks over ~10 s: far more than socket buffers hold.
-    fake.reply_text = "x" * 4000
-    fake.behave("slow_stream", chunks=1000, interval=0.01)
+    # ~13 MB in 16 KB chunks over ~8 s: far more than the kernel buffers
+    # between the gateway and the reader hold (up to 4 MiB of send buffer).
+    fake.reply_text = "x" * 16000
+    fake.behave("slow_stream", chunks=800, interval=0.02)
     body = b'{"model": "ollama/qwen2.5:7b", "stream": true, ' \
            b'"messages": [{"role": "user", "content": "hi"}]}'
     reader = connect(gateway.port, rcvbuf=4096)
@@ -161,7 +162,7 @@ def test_client_that_stops_reading_a_stream_is_cut_off(gateway_factory, slow_env
         took = time.monotonic() - started
         fake.reset()
         assert chat(gateway.url)
-        rest = read_until_closed(reader, limit=8 * 1024 * 1024)
+        rest = read_until_closed(reader, limit=32 * 1024 * 1024)
     finally:
         reader.close()
     print(f"non-reading client cut off {took:.1f} s after it stopped reading")
@@ -181,3 +182,23 @@ def read_until_closed(sock, limit):
     except OSError:
         pass
     return bytes(data)
+
+
+def test_clients_that_never_close_do_not_stall_callers(gateway_factory, slow_env):
+    fake, env = slow_env
+    gateway = gateway_factory(env)
+    # Each asks for "Connection: close", then keeps its end open: gunicorn
+    # waits up to 2 s for it to close, which must not hold the worker.
+    held = [connect(gateway.port) for _ in range(40)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        started = time.monotonic()
+        assert chat(gateway.url), "clients that never close stalled a normal caller"
+        took = time.monotonic() - started
+        answers = [read_until_closed(sock, limit=65536) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+    print(f"caller answered in {took:.2f} s while 40 clients held their ends open")
+    assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
