@@ -30,10 +30,12 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_env_int('PORT', 3025)}"
 # gthread with deadlines for slow clients, and a prompt close of the port on
 # TERM (serving/worker.py). Outside the app package: the master imports it.
 worker_class = "serving.worker.TimedThreadWorker"
-# A client must send its whole request head within HEADER_TIMEOUT seconds of
-# connecting, and a body read may wait BODY_TIMEOUT seconds for a byte; a
-# client that stops reading an answer is cut off after STREAM_IDLE_TIMEOUT
-# (the app's setting, handed to the worker in post_worker_init).
+# A request gets a thread only once its head is in, which must be within
+# HEADER_TIMEOUT seconds of connecting (or of the next request starting on
+# a kept-alive connection); a body read may wait BODY_TIMEOUT seconds for a
+# byte; a client that stops reading an answer is cut off after
+# STREAM_IDLE_TIMEOUT (the app's setting, given to the worker in
+# post_worker_init).
 HEADER_TIMEOUT = _env_int("HEADER_TIMEOUT", 10)
 BODY_TIMEOUT = _env_int("BODY_TIMEOUT", 30)
 # Two processes per core-pair is enough: the work is I/O-bound, and every
