@@ -141,6 +141,13 @@ def on_reload(server):
                    "aliases: %s", exc)
 
 
+def post_fork(server, worker):
+    """Create the new worker's metrics files before any scrape can read them half-made."""
+    from serving.metrics_archive import create_worker_files
+
+    create_worker_files(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker.pid)
+
+
 def post_worker_init(worker):
     """Start the worker's prober and give the worker its client timeouts."""
     gateway = worker.wsgi.extensions["mana_llm"]

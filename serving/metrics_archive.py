@@ -15,7 +15,10 @@ gauge modes.
 
 The master folds with the directory's lock held exclusively and a scrape
 reads with it held shared, so a scrape never sees a value twice (in the
-archive and in the dead worker's file) or not at all.
+archive and in the dead worker's file) or not at all. A new worker
+creates its own files under the same lock: prometheus_client creates a
+file empty and only then sizes it, and a scrape that read it in between
+failed (a 500 from /metrics at every few worker starts while recycling).
 
 Import this only after ``PROMETHEUS_MULTIPROC_DIR`` is set: importing
 prometheus_client chooses its value class from that variable.
@@ -28,6 +31,9 @@ import os
 from prometheus_client.mmap_dict import MmapedDict
 
 FOLDED_KINDS = ("counter", "histogram", "summary")
+# The files a worker of this app writes (app/metrics.py: counters,
+# histograms, one livemin gauge), named as prometheus_client names them.
+WORKER_FILES = ("counter", "histogram", "gauge_livemin")
 LOCK_NAME = "archive.lock"  # not *.db: the collector only reads *.db
 
 
@@ -40,6 +46,13 @@ def directory_lock(directory, exclusive):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def create_worker_files(directory, pid):
+    """Create a new worker's value files whole, before a scrape can see them."""
+    with directory_lock(directory, exclusive=True):
+        for prefix in WORKER_FILES:
+            MmapedDict(os.path.join(directory, f"{prefix}_{pid}.db")).close()
 
 
 def archive_dead_worker(directory, pid):

@@ -30,6 +30,40 @@ def sample(text, name, **labels):
     return 0.0
 
 
+class ScrapeWatch:
+    """Scrape /metrics in a thread while workers recycle; note any counter that went back."""
+
+    def __init__(self, url):
+        self.url = url
+        self.scrapes = 0
+        self.went_back = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        last = 0.0
+        while not self.done.wait(0.05):
+            try:
+                response = requests.get(self.url + "/metrics", timeout=30)
+            except requests.RequestException:
+                continue
+            text = response.text
+            if response.status_code != 200 or "mana_llm_requests_total{" not in text:
+                self.went_back.append((response.status_code, text[:2000]))
+                continue
+            now = sample(text, "mana_llm_requests_total", method="GET", endpoint="/health",
+                         status="200")
+            if now < last:
+                self.went_back.append((last, now))
+            last = now
+            self.scrapes += 1
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(timeout=30)
+
+
 class PidWatch:
     """Collect every worker pid the master has, polled in a thread."""
 
@@ -60,6 +94,7 @@ def test_recycled_workers_fold_into_the_archive(gateway_factory, fake_factory, t
     # The readiness checks of the fixture were counted too: start from here.
     before = requests.get(gateway.url + "/metrics", timeout=30).text
     watch = PidWatch(gateway)
+    scrapes = ScrapeWatch(gateway.url)
     counts = {"200": 0, "404": 0}
     try:
         for _ in range(ROUNDS):
@@ -70,14 +105,17 @@ def test_recycled_workers_fold_into_the_archive(gateway_factory, fake_factory, t
                 counts[status] += 1
     finally:
         workers = watch.stop()
+        scrapes.stop()
     started = time.monotonic()
     scrape = requests.get(gateway.url + "/metrics", timeout=30)
     scrape_seconds = time.monotonic() - started
     files = sorted(os.path.basename(p) for p in glob.glob(str(directory / "*.db")))
     recycles = len(workers) - 2
     print(f"{recycles} recycles, {len(files)} files ({files}), "
-          f"scrape {scrape_seconds * 1000:.1f} ms")
+          f"scrape {scrape_seconds * 1000:.1f} ms, {scrapes.scrapes} scrapes during recycles")
     assert recycles >= 50
+    assert scrapes.scrapes > 0 and not scrapes.went_back, \
+        f"a counter went backwards between scrapes during recycles: {scrapes.went_back}"
     assert len(files) <= 3 * 2 + 2, "dead workers' files were not folded into the archive"
     assert "counter_archive.db" in files and "histogram_archive.db" in files
 

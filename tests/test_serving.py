@@ -68,3 +68,12 @@ def test_the_lock_is_shared_by_readers(tmp_path):
     with directory_lock(str(tmp_path), exclusive=False):
         with directory_lock(str(tmp_path), exclusive=False):
             pass
+
+
+def test_a_new_workers_files_are_readable_from_the_start(tmp_path):
+    from serving.metrics_archive import create_worker_files
+
+    create_worker_files(str(tmp_path), 4242)
+    names = sorted(p.name for p in tmp_path.glob("*.db"))
+    assert names == ["counter_4242.db", "gauge_livemin_4242.db", "histogram_4242.db"]
+    assert all(read(tmp_path / name) == {} for name in names)
