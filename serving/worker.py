@@ -47,8 +47,6 @@ HEAD_READ = 16 * 1024
 SWEEP_INTERVAL = 0.25  # how often waiting heads are checked against their deadlines
 LINGER = 2.0  # gunicorn's graceful close: wait this long for the client's end...
 LINGER_DRAIN = 64 * 1024  # ...reading at most this much of what it still sends
-# What a request thread returns for a connection whose head is not complete yet.
-AWAIT_HEAD = object()
 
 
 def head_ready(head, start=0):
@@ -78,6 +76,7 @@ class TimedConn(gthread.TConn):
         self.stalled = False  # a write waited send_timeout: reset, owe nothing
         self.closed = False
         self.half_closed = False
+        self.head_pending = False  # a thread found the head incomplete: back to the poller
         self.drained = 0
         self.timeouts_set = False
         # Threads never wait for data: they take what arrived (collect_head).
@@ -89,7 +88,8 @@ class TimedConn(gthread.TConn):
             self.head_deadline = clock() + header_timeout
         elif clock() >= self.head_deadline:
             raise TimeoutError("request head not complete in time")
-        if self.parser is not None:  # bytes read ahead with the last request come first
+        # Bytes read ahead with the last request come first.
+        if self.parser is not None and self.parser.unreader.buf.seek(0, 2):
             self.head[:0] = self.parser.unreader.take_buffered()
         if not head_ready(self.head):
             try:
@@ -165,7 +165,7 @@ class TimedThreadWorker(gthread.ThreadWorker):
         return True
 
     def finish_request(self, conn, fs):
-        result = None if fs.cancelled() or fs.exception() else fs.result()
+        # The request thread left its verdict on the connection.
         if conn.closed:
             self.nr_conns -= 1
         elif conn.stalled:
@@ -173,7 +173,8 @@ class TimedThreadWorker(gthread.ThreadWorker):
             conn.reset()
         elif conn.half_closed:
             self.linger(conn)
-        elif result is AWAIT_HEAD:
+        elif conn.head_pending:
+            conn.head_pending = False
             self.await_head(conn)
         else:
             super().finish_request(conn, fs)
@@ -258,7 +259,8 @@ class TimedThreadWorker(gthread.ThreadWorker):
     def handle(self, conn):
         try:
             if not conn.collect_head(self.clock, self.header_timeout):
-                return AWAIT_HEAD
+                conn.head_pending = True
+                return False
             conn.set_kernel_timeouts(self.body_timeout, self.send_timeout)
         except OSError:
             self.close_now(conn)
