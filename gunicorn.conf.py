@@ -14,11 +14,11 @@ import sys
 import tempfile
 
 
-def _env_int(name, default):
+def _env_int(name, default, minimum=1):
     """Read a sizing variable; a bad value stops startup naming the variable."""
     value = os.environ.get(name, str(default))
-    if not value.strip().isdigit() or int(value) < 1:
-        raise SystemExit(f"mana-llm: {name} must be a whole number >= 1, got {value!r}")
+    if not value.strip().isdigit() or int(value) < minimum:
+        raise SystemExit(f"mana-llm: {name} must be a whole number >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -27,7 +27,17 @@ wsgi_app = "app:create_app()"
 # These sizing variables come from the real environment (gunicorn reads
 # them before the app exists); the app's own settings may also be in .env.
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_env_int('PORT', 3025)}"
-worker_class = "gthread"
+# gthread with deadlines for slow clients, and a prompt close of the port on
+# TERM (serving/worker.py). Outside the app package: the master imports it.
+worker_class = "serving.worker.TimedThreadWorker"
+# A request gets a thread only once its head is in, which must be within
+# HEADER_TIMEOUT seconds of connecting (or of the next request starting on
+# a kept-alive connection); a body read may wait BODY_TIMEOUT seconds for a
+# byte; a client that stops reading an answer is cut off after
+# STREAM_IDLE_TIMEOUT (the app's setting, given to the worker in
+# post_worker_init).
+HEADER_TIMEOUT = _env_int("HEADER_TIMEOUT", 10)
+BODY_TIMEOUT = _env_int("BODY_TIMEOUT", 30)
 # Two processes per core-pair is enough: the work is I/O-bound, and every
 # worker keeps its own health cache that must learn about outages.
 workers = _env_int("WEB_CONCURRENCY", 2)
@@ -47,6 +57,16 @@ timeout = 60
 # the default timeouts, or a long-form stream, fits in ten minutes.
 graceful_timeout = 600
 keepalive = 75
+# Recycle each worker after about this many requests (memory hygiene for a
+# long-lived Python process); the jitter keeps workers from recycling
+# together. Their metrics are archived when they exit (child_exit).
+max_requests = _env_int("MAX_REQUESTS", 10000, minimum=0)
+max_requests_jitter = _env_int("MAX_REQUESTS_JITTER", 1000, minimum=0)
+# Where the master writes its PID, for `kill -HUP $(cat "$PIDFILE")`. Off
+# unless set: a fixed default path would make two instances on one host
+# fight over it (gunicorn refuses to start over a live PID), and under
+# systemd or a container the supervisor knows the master's PID anyway.
+pidfile = os.environ.get("PIDFILE") or None
 # Never preload: on HUP the app must be imported afresh by new workers.
 preload_app = False
 # gunicorn 27's control socket defaults to one path per user; several
@@ -136,9 +156,19 @@ def on_reload(server):
                    "aliases: %s", exc)
 
 
+def post_fork(server, worker):
+    """Create the new worker's metrics files before any scrape can read them half-made."""
+    from serving.metrics_archive import create_worker_files
+
+    create_worker_files(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker.pid)
+
+
 def post_worker_init(worker):
-    """Start the worker's prober and set its health gauges (threads start after fork)."""
-    worker.wsgi.extensions["mana_llm"].start()
+    """Start the worker's prober and give the worker its client timeouts."""
+    gateway = worker.wsgi.extensions["mana_llm"]
+    gateway.start()  # threads start after fork
+    worker.configure_timeouts(header=HEADER_TIMEOUT, body=BODY_TIMEOUT,
+                              send=gateway.config["STREAM_IDLE_TIMEOUT"])
 
 
 def worker_exit(server, worker):
@@ -149,10 +179,21 @@ def worker_exit(server, worker):
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges from the aggregated metrics."""
+    """Fold a dead worker's counters into the metrics archive; drop its live gauges."""
+    # Imported here, not at the top: prometheus_client must be imported
+    # only after on_starting has set PROMETHEUS_MULTIPROC_DIR.
     from prometheus_client import multiprocess
 
+    from serving.metrics_archive import archive_dead_worker
+
     multiprocess.mark_process_dead(worker.pid)
+    try:
+        archive_dead_worker(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker.pid)
+    except Exception as exc:
+        # An exception escaping this hook would stop the master; the dead
+        # worker's files stay and are still counted.
+        _log.error("mana-llm: could not archive the metrics of worker %s: %s",
+                   worker.pid, exc)
 
 
 def on_exit(server):

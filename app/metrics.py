@@ -14,6 +14,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                Histogram, generate_latest)
 from prometheus_client import multiprocess
 
+from serving.metrics_archive import directory_lock
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERFLOW = "other"
 
@@ -131,9 +133,13 @@ class Recorder:
 
 def render():
     """Return ``(body, content_type)`` of the exposition, aggregated over workers."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        # Never read while the master folds a dead worker's files into the archive.
+        with directory_lock(directory, exclusive=False):
+            return generate_latest(registry), CONTENT_TYPE_LATEST
     else:
         from prometheus_client import REGISTRY as registry
     return generate_latest(registry), CONTENT_TYPE_LATEST
