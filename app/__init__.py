@@ -140,6 +140,7 @@ def _register_blueprints(app):
 
     for module in (chat, models, aliases, health, metrics):
         app.register_blueprint(module.bp)
+    app.register_blueprint(__import__("app.api.openapi", fromlist=["bp"]).bp)
 
 
 __all__ = ["create_app", "load_settings", "SNAPSHOT_VARIABLE", "KNOWN_PROVIDERS", "__version__"]

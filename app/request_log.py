@@ -1,9 +1,10 @@
 """Request ids, the access line, HTTP metrics, and log lines that leak nothing.
 
 Every log line of a request carries its ``X-Request-ID`` (taken from the
-caller when present, sanitised and bounded, or generated), and every
-message passes through the redactor, so an API key that reaches a log
-call is replaced before it reaches the log.
+caller when present, sanitised and bounded, or generated). Every line,
+traceback included, passes through the redactor, so an API key that
+reaches a log call is replaced before it reaches the log, and has its
+control characters escaped, so one record is always one line.
 """
 
 import logging
@@ -32,24 +33,55 @@ def printable(text, limit=200):
     return str(text)[:limit].encode("unicode_escape").decode("ascii")
 
 
-class RequestContextFilter(logging.Filter):
-    """Add ``request_id`` to records and redact secrets from the message."""
+# C0 and C1 controls (CR, LF, ESC, NEL, ...) and the Unicode line and
+# paragraph separators: what could end a log line early or forge a new one.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
-    def __init__(self, redactor):
-        super().__init__()
-        self._redactor = redactor
+
+def escape_controls(text):
+    """Return ``text`` with every control character written as an escape (``\\r``, ``\\x1b``)."""
+    return _CONTROLS.sub(_escape, text)
+
+
+def _escape(match):
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+class RequestContextFilter(logging.Filter):
+    """Add ``request_id`` to records."""
 
     def filter(self, record):
         record.request_id = g.get("request_id", "-") if has_request_context() else "-"
-        message = record.getMessage()
-        redacted = self._redactor.redact(message)
-        if redacted != message or record.args:
-            record.msg, record.args = redacted, None
         return True
 
 
+class SafeFormatter(logging.Formatter):
+    """Format a record as exactly one line with no secret in it.
+
+    The whole formatted text is cleaned, traceback included: an exception
+    can carry upstream text or a key (``exc_info``), and any field that
+    came from outside may hold a CR or LF that would forge another line.
+    ``inner``, when given, formats the record first (gunicorn's own format).
+    """
+
+    def __init__(self, redactor, fmt=None, inner=None):
+        super().__init__(fmt)
+        self.redactor = redactor
+        self.inner = inner
+
+    def format(self, record):
+        text = self.inner.format(record) if self.inner else super().format(record)
+        return escape_controls(self.redactor.redact(text))
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
+# gunicorn logs what escapes the app (an error inside a stream, a crash)
+# with its traceback through its own handlers: clean those lines too.
+SERVER_LOGGERS = ("gunicorn.error",)
+
+
 def configure_logging(level, redactor):
-    """Send the ``app`` loggers to stderr with request ids; idempotent."""
+    """Send the ``app`` loggers to stderr with request ids; clean every line; idempotent."""
     logger = logging.getLogger("app")
     logger.setLevel(level.upper())
     logger.propagate = False
@@ -58,10 +90,15 @@ def configure_logging(level, redactor):
             logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler._mana_llm = True
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"))
-    handler.addFilter(RequestContextFilter(redactor))
+    handler.setFormatter(SafeFormatter(redactor, LOG_FORMAT))
+    handler.addFilter(RequestContextFilter())
     logger.addHandler(handler)
+    for name in SERVER_LOGGERS:
+        for server_handler in logging.getLogger(name).handlers:
+            inner = server_handler.formatter or logging.Formatter()
+            if isinstance(inner, SafeFormatter):
+                inner = inner.inner
+            server_handler.setFormatter(SafeFormatter(redactor, inner=inner))
 
 
 class StartClock:

@@ -134,6 +134,19 @@ def test_non_yaml_file_is_rejected(tmp_path):
         load_aliases(str(path))
 
 
+@pytest.mark.parametrize("text", [
+    "aliases: {mana/x: {description: 2001-13-14, chain: [groq/x]}}\n",
+    "aliases: {mana/x: {chain: [0x_]}}\n",
+    "a: !!timestamp x\n",
+    "[" * 2000,
+])
+def test_yaml_that_breaks_the_parser_is_rejected_with_a_reason(tmp_path, text):
+    path = tmp_path / "aliases.yaml"
+    path.write_text(text)
+    with pytest.raises(AliasConfigError, match="not valid YAML"):
+        load_aliases(str(path))
+
+
 def test_missing_file_is_rejected(tmp_path):
     path = str(tmp_path / "nowhere.yaml")
     with pytest.raises(AliasConfigError, match="cannot read") as caught:
@@ -237,6 +250,9 @@ def test_unknown_provider_is_model_not_found_naming_known_providers(table):
     pytest.param("groq/llama\x1b[31m", id="ESC"),
     pytest.param("x" * 257, id="257-chars"),
     pytest.param("groq/" + "m" * 252, id="257-chars-direct"),
+    pytest.param("groq/llama-3.1-8b-instant ", id="trailing-space"),
+    pytest.param(" mana/fast-text", id="leading-space"),
+    pytest.param(" ", id="only-space"),
 ])
 def test_unsafe_model_string_is_invalid_request(table, model):
     with pytest.raises(errors.InvalidRequest) as caught:
@@ -291,4 +307,64 @@ def test_check_aliases_rejects_bad_file_with_reason(tmp_path):
     assert result.returncode == 1
     assert "'mana/fast'" in result.stderr
     assert "provider prefix" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- provider names in chains and model strings --------------------------------------------
+
+@pytest.mark.parametrize("entry", ["groc/llama-3.1-8b-instant", "acme/x", "mana/fast-text",
+                                   "http://evil/x"])
+def test_chain_entry_naming_unknown_provider_is_rejected(entry):
+    with pytest.raises(AliasConfigError) as caught:
+        parse_aliases(doc_with(body=chain("ollama/qwen2.5:7b", entry)))
+    message = str(caught.value)
+    assert "'mana/fast'" in message and repr(entry) in message
+    assert "unknown provider" in message and "groq" in message
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ("Groq/llama-3.1-8b-instant", Entry("groq", "llama-3.1-8b-instant")),
+    ("OLLAMA/Qwen2.5:7B", Entry("ollama", "Qwen2.5:7B")),
+    ("OpenRouter/Anthropic/Claude-3-Haiku", Entry("openrouter", "Anthropic/Claude-3-Haiku")),
+])
+def test_chain_entry_provider_is_case_insensitive_model_kept(entry, expected):
+    table = parse_aliases(doc_with(body=chain(entry)))
+    assert table.aliases["mana/fast"].chain == (expected,)
+
+
+@pytest.mark.parametrize("name, body", [
+    ("mana/caf\u00e9", chain("groq/x")),
+    ("mana/fast", chain("groq/\u6a21\u578b")),
+    ("mana/fast", chain("groq/x\u2028y")),
+], ids=["alias-name", "entry", "entry-line-separator"])
+def test_non_ascii_alias_name_or_entry_is_rejected(name, body):
+    with pytest.raises(AliasConfigError) as caught:
+        parse_aliases(doc_with(name=name, body=body))
+    assert "printable ASCII" in str(caught.value)
+
+
+@pytest.mark.parametrize("model, entry", [
+    ("Ollama/gemma3:4b", Entry("ollama", "gemma3:4b")),
+    ("GROQ/Llama-3.1-8B-Instant", Entry("groq", "Llama-3.1-8B-Instant")),
+    ("Google/gemini-2.0-flash-exp", Entry("google", "gemini-2.0-flash-exp")),
+])
+def test_direct_model_provider_prefix_is_case_insensitive(table, model, entry):
+    assert resolve_chain(model, table, KNOWN_PROVIDERS) == (None, [entry])
+
+
+@pytest.mark.parametrize("model", ["groq/\u6a21\u578b", "ollama/caf\u00e9", "\u6a21\u578b",
+                                   "groq/llama\u00a0x", "groq/llama\u200bx"])
+def test_non_ascii_model_string_is_invalid_request(table, model):
+    with pytest.raises(errors.InvalidRequest) as caught:
+        resolve_chain(model, table, KNOWN_PROVIDERS)
+    assert caught.value.param == "model"
+
+
+def test_check_aliases_rejects_unknown_provider_naming_alias_and_entry(tmp_path):
+    path = tmp_path / "aliases.yaml"
+    path.write_text(yaml.safe_dump({"aliases": {"mana/fast": chain(
+        "ollama/qwen2.5:7b", "groc/llama-3.1-8b-instant")}}))
+    result = check_aliases(path)
+    assert result.returncode == 1
+    assert "'mana/fast'" in result.stderr and "'groc/llama-3.1-8b-instant'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,9 +1,11 @@
-"""Static checks of the Grafana dashboard and the metrics docs against SPEC §10.
+"""Static checks of the Grafana dashboard, the metrics docs and .env.example against the code.
 
 The metric names, types and labels are an interface (SPEC §10): the
-dashboard (``dashboards/mana-llm.json``) and the README section
-(the README's Metrics section) may only use what ``app/metrics.py`` defines,
-and ``app/metrics.py`` must still define what SPEC §10 promises.
+dashboard (``dashboards/mana-llm.json``), the README's metric table, the
+queries and alert rules of ``dashboards/README.md`` and any metric any doc
+names may only use what ``app/metrics.py`` defines, and ``app/metrics.py``
+must still define what SPEC §10 promises. ``.env.example`` must list every
+variable ``app/config.py`` and ``gunicorn.conf.py`` read, at its default.
 """
 
 import json
@@ -14,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -26,6 +29,12 @@ from app import metrics as app_metrics  # noqa: E402
 
 DASHBOARD_PATH = os.path.join(REPO, "dashboards", "mana-llm.json")
 README_PATH = os.path.join(REPO, "README.md")
+DASHBOARDS_README_PATH = os.path.join(REPO, "dashboards", "README.md")
+ENV_EXAMPLE_PATH = os.path.join(REPO, ".env.example")
+GUNICORN_CONF_PATH = os.path.join(REPO, "gunicorn.conf.py")
+# Every document a reader may take a metric name from.
+DOC_PATHS = (README_PATH, DASHBOARDS_README_PATH, ENV_EXAMPLE_PATH,
+             os.path.join(REPO, "bench", "README.md"))
 
 # SPEC §10, copied by hand: exposed name -> (type, labels). A rename in
 # app/metrics.py (or in the spec) must be made here too, deliberately.
@@ -50,6 +59,7 @@ MATCHING_RE = re.compile(r"\b(on|ignoring|group_left|group_right)\s*\(([^()]*)\)
 SELECTOR_RE = re.compile(r"(mana_llm_[a-z_]+)\s*\{([^{}]*)\}")
 MATCHER_LABEL_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
 PROMQL_BLOCK_RE = re.compile(r"```promql\n(.*?)```", re.S)
+YAML_BLOCK_RE = re.compile(r"```yaml\n(.*?)```", re.S)
 
 
 # --------------------------------------------------------------- metric tables
@@ -284,15 +294,24 @@ def test_panel_exprs_use_only_spec_metrics_and_labels(dashboard):
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-def test_exprs_parse_with_promtool(dashboard, metrics_md, tmp_path):
+def test_exprs_parse_with_promtool(dashboard, dashboards_md, tmp_path):
     """Every query is valid PromQL (with Grafana's variables as they expand for "All")."""
     exprs = [expr for _, expr in panel_exprs(dashboard)]
-    exprs += PROMQL_BLOCK_RE.findall(metrics_md)
+    exprs += PROMQL_BLOCK_RE.findall(dashboards_md)
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"mana_llm_dashboard_check:{index}",
          "expr": expr.replace("$provider", ".*")} for index, expr in enumerate(exprs)]}]}
     path = tmp_path / "rules.json"
     path.write_text(json.dumps(rules))
+    result = subprocess.run(["promtool", "check", "rules", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_alert_rules_pass_promtool(dashboards_md, tmp_path):
+    path = tmp_path / "alerts.yaml"
+    path.write_text(alert_rules_text(dashboards_md))
     result = subprocess.run(["promtool", "check", "rules", str(path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -380,38 +399,173 @@ def test_checker_accepts_and_follows_the_app():
     assert expr_problems(expr, renamed)
 
 
-# ------------------------------------------------------- README: Metrics section
+# ------------------------------------------- README and dashboards/README.md
+
+def read(path):
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def section(text, heading):
+    """Return ``heading``'s section of ``text``, up to the next heading of any level <= its own."""
+    level = heading.split(" ")[0]
+    start = text.index(f"\n{heading}\n") + 1
+    ends = [text.find(f"\n{'#' * n} ", start + 1) for n in range(1, len(level) + 1)]
+    ends = [end for end in ends if end != -1]
+    return text[start:min(ends) if ends else None]
+
+
+def table_rows(text):
+    """Return the cells of every markdown table body row in ``text``."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not re.fullmatch(r"[|\-: ]+", line):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
 
 @pytest.fixture(scope="module")
-def metrics_md():
-    """Return the README's "## Metrics" section, up to the next "## " heading."""
-    with open(README_PATH, encoding="utf-8") as handle:
-        text = handle.read()
-    start = text.index("\n## Metrics\n") + 1
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+def readme():
+    return read(README_PATH)
+
+
+@pytest.fixture(scope="module")
+def metrics_md(readme):
+    """Return the README's "### Metrics" section (under "## Operating it")."""
+    return section(readme, "### Metrics")
+
+
+@pytest.fixture(scope="module")
+def dashboards_md():
+    return read(DASHBOARDS_README_PATH)
+
+
+def alert_rules_text(dashboards_md):
+    """Return the one YAML block of dashboards/README.md that is a rules file."""
+    blocks = [b for b in YAML_BLOCK_RE.findall(dashboards_md) if b.lstrip().startswith("groups:")]
+    assert len(blocks) == 1, "dashboards/README.md needs exactly one alert rules block"
+    return blocks[0]
 
 
 def test_metrics_md_table_matches_spec(metrics_md):
-    assert metrics_md.lstrip().startswith("## Metrics")
+    assert metrics_md.lstrip().startswith("### Metrics")
     rows = {}
-    for line in metrics_md.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells and cells[0].startswith("`mana_llm_"):
+    for cells in table_rows(metrics_md):
+        if cells[0].startswith("`mana_llm_"):
             labels = tuple(re.findall(r"[a-z_]+", cells[2].split("(")[0]))
             rows[cells[0].strip("`")] = (cells[1], labels)
     assert rows == SPEC_METRICS
 
 
-def test_metrics_md_queries_are_valid(metrics_md):
-    queries = PROMQL_BLOCK_RE.findall(metrics_md)
+@pytest.mark.parametrize("path", DOC_PATHS, ids=lambda path: os.path.relpath(path, REPO))
+def test_every_metric_named_in_the_docs_exists(path):
+    named = set(METRIC_RE.findall(read(path)))
+    unknown = sorted(n for n in named if n not in ALLOWED and n not in defined_metrics())
+    assert not unknown, f"{os.path.relpath(path, REPO)} names metrics the code lacks: {unknown}"
+
+
+def test_dashboards_md_queries_are_valid(dashboards_md):
+    queries = PROMQL_BLOCK_RE.findall(dashboards_md)
     assert len(queries) >= 6
     problems = [f"{q.strip()}: {p}" for q in queries for p in expr_problems(q)]
     assert not problems, "\n".join(problems)
 
 
-def test_metrics_md_states_the_label_cap(metrics_md):
+def test_alert_rules_use_only_known_metrics_and_labels(dashboards_md):
+    rules = [rule for group in yaml.safe_load(alert_rules_text(dashboards_md))["groups"]
+             for rule in group["rules"]]
+    assert rules and all(rule.get("alert") and rule.get("expr") for rule in rules)
+    problems = [f"{rule['alert']}: {p}" for rule in rules for p in expr_problems(rule["expr"])]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_label_cap_is_stated_where_the_metrics_are(metrics_md, dashboards_md):
     cap = app_config.build_config({})["METRICS_LABEL_CAP"]
-    assert f"METRICS_LABEL_CAP={cap}" in metrics_md.replace("`", "")
-    assert "`other`" in metrics_md
-    assert "mana-llm.json" in metrics_md
+    for text in (metrics_md, dashboards_md):
+        assert f"METRICS_LABEL_CAP={cap}" in text.replace("`", "")
+        assert "`other`" in text
+
+
+def test_readme_points_at_the_dashboard_docs(metrics_md, dashboards_md):
+    assert "dashboards/README.md" in metrics_md
+    assert "mana-llm.json" in metrics_md and "mana-llm.json" in dashboards_md
+    assert os.path.exists(DASHBOARD_PATH)
+
+
+def test_readme_cites_no_hidden_documents(readme):
+    # The README is for readers of this repository, who cannot see the spec or the tracker.
+    assert not re.search(r"SPEC|§|\bissue \d", readme)
+
+
+# --------------------------------------------------------------- .env.example
+
+ENV_LINE_RE = re.compile(r"^#\s?([A-Z][A-Z0-9_]*)=(.*)$")
+# Handed from gunicorn's master to its workers, or not ours: not settings.
+INTERNAL_VARIABLES = {"PYTHONPATH"}
+
+
+def env_example():
+    """Return ``[(name, value, described)]`` of the commented-out variables of .env.example."""
+    found = []
+    described = False  # a comment line opens the variable's block, a blank line closes it
+    for line in read(ENV_EXAMPLE_PATH).splitlines():
+        match = ENV_LINE_RE.match(line)
+        if match:
+            found.append((match.group(1), match.group(2).strip(), described))
+        else:
+            described = line.startswith("# ") and not line.startswith("# ---")
+    return found
+
+
+def gunicorn_variables():
+    """Return ``{name: default or None}`` of the variables gunicorn.conf.py reads."""
+    source = read(GUNICORN_CONF_PATH)
+    found = {}
+    for name, default in re.findall(r"_env_int\(\s*[\"']([A-Z0-9_]+)[\"']\s*,\s*(\d+)", source):
+        found[name] = default
+    for name, default in re.findall(
+            r"os\.environ\.get\(\s*[\"']([A-Z0-9_]+)[\"']\s*(?:,\s*[\"']([^\"']*)[\"'])?",
+            source):
+        found.setdefault(name, default or None)
+    return {name: default for name, default in found.items()
+            if name not in INTERNAL_VARIABLES and not name.startswith("MANA_LLM_")}
+
+
+def test_env_example_lists_every_variable_the_code_reads():
+    listed = [name for name, _, _ in env_example()]
+    assert len(listed) == len(set(listed)), "a variable is listed twice"
+    known = set(app_config.build_config({})) | set(gunicorn_variables())
+    missing = sorted(known - set(listed))
+    unknown = sorted(set(listed) - known)
+    assert not missing, f".env.example lacks {missing}"
+    assert not unknown, f".env.example lists variables no code reads: {unknown}"
+
+
+def test_env_example_describes_every_variable():
+    undescribed = [name for name, _, described in env_example() if not described]
+    assert not undescribed, f"no comment line above {undescribed}"
+
+
+def test_env_example_values_are_the_defaults(tmp_path):
+    """Uncommented, .env.example must give exactly the default configuration."""
+    config_names = set(app_config.build_config({}))
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("".join(f"{name}={value}\n" for name, value, _ in env_example()
+                              if name in config_names))
+    loaded = app_config.from_env(environ={}, dotenv_path=str(dotenv))
+    loaded["ALIASES_PATH"] = os.path.join(REPO, loaded["ALIASES_PATH"])
+    assert loaded == app_config.build_config({})
+    for name, default in gunicorn_variables().items():
+        value = dict((n, v) for n, v, _ in env_example())[name]
+        if name not in config_names:
+            assert value == (default or ""), name
+
+
+def test_readme_configuration_table_names_real_variables(readme):
+    listed = {name for name, _, _ in env_example()}
+    table = section(readme, "## Configuration")
+    names = set()
+    for cells in table_rows(table)[1:]:
+        names.update(n for n in re.findall(r"`([A-Z][A-Z0-9_]*)`", cells[0]))
+    assert names and names <= listed, sorted(names - listed)
+    assert ".env.example" in table

@@ -1,12 +1,13 @@
 """Request validation (SPEC §3) and body parsing (SPEC §8): always a 4xx, never a crash."""
 
 import copy
+import io
 
 import flask
 import pytest
 
 from app import errors
-from app.validation import chat_request, embeddings_request, parse_json_body
+from app.validation import chat_request, embeddings_request, parse_json_body, read_body
 
 USER = {"role": "user", "content": "hi"}
 
@@ -132,6 +133,18 @@ def test_stream_options_not_object_is_rejected():
     assert rejected(chat(stream=True, stream_options=True)).param == "stream_options"
 
 
+@pytest.mark.parametrize("flag", ["yes", 1, None, {}])
+def test_include_usage_not_bool_is_rejected(flag):
+    body = chat(stream=True, stream_options={"include_usage": flag})
+    assert rejected(body).param == "stream_options"
+
+
+@pytest.mark.parametrize("encoding", [{}, [], 0, False, "", "FLOAT"])
+def test_encoding_format_not_float_or_base64_is_rejected(encoding):
+    body = {"model": "x", "input": "hi", "encoding_format": encoding}
+    assert rejected(body, embeddings_request).param == "encoding_format"
+
+
 def test_valid_request_with_every_field_passes_unchanged():
     body = chat(
         messages=[
@@ -253,3 +266,160 @@ def test_non_object_json_is_rejected(data):
                                           "multipart/form-data; boundary=x", ""])
 def test_wrong_content_type_is_rejected(content_type):
     assert parse_error(b'{"model": "m"}', content_type).status == 415
+
+
+# -- fields no provider can translate: refused here, naming the field -----------------------
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def with_call(call):
+    return [dict(USER), {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
+
+
+@pytest.mark.parametrize("call", [
+    {"function": "x"}, "call_1", None, 5,
+    {"type": "function"},
+    {"type": "retrieval", "function": {"name": "f", "arguments": "{}"}},
+    {"id": 5, "type": "function", "function": {"name": "f", "arguments": "{}"}},
+    {"id": "c", "type": "function", "function": {"arguments": "{}"}},
+    {"id": "c", "type": "function", "function": {"name": ["f"], "arguments": "{}"}},
+    {"id": "c", "type": "function", "function": {"name": "f"}},
+    {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}},
+    {"id": "c", "type": "function", "function": {"name": "f", "arguments": None}},
+], ids=["function-string", "string", "null", "number", "no-function", "wrong-type", "id-number",
+        "no-name", "name-list", "no-arguments", "arguments-object", "arguments-null"])
+def test_misshapen_assistant_tool_call_is_rejected(call):
+    error = rejected(chat(messages=with_call(call)))
+    assert error.param == "messages[1].tool_calls[0]"
+
+
+def test_tool_call_without_type_or_id_is_accepted():
+    call = {"function": {"name": "f", "arguments": "{}"}}
+    body = chat(messages=with_call(call))
+    assert chat_request(copy.deepcopy(body)) == body
+
+
+@pytest.mark.parametrize("calls", [{"id": "c"}, "c", 5])
+def test_tool_calls_not_a_list_is_rejected(calls):
+    body = chat(messages=[dict(USER), {"role": "assistant", "tool_calls": calls}])
+    assert rejected(body).param == "messages[1].tool_calls"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tool_call_id", ["call_1"]), ("tool_call_id", 1), ("tool_call_id", {"id": "c"}),
+    ("name", 5), ("name", ["f"]),
+])
+def test_non_string_tool_call_id_or_name_is_rejected(field, value):
+    messages = with_call(CALL)
+    messages[2][field] = value
+    assert rejected(chat(messages=messages)).param == f"messages[2].{field}"
+
+
+@pytest.mark.parametrize("parameters", ["x", [1], 5, True])
+def test_tool_parameters_not_an_object_are_rejected(parameters):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    assert rejected(chat(tools=tools)).param == "tools[0].function.parameters"
+
+
+def test_tool_description_not_a_string_is_rejected():
+    tools = [TOOLS[0], {"type": "function", "function": {"name": "g", "description": 5}}]
+    assert rejected(chat(tools=tools)).param == "tools[1].function.description"
+
+
+@pytest.mark.parametrize("schema", ["s", [1], 5, True])
+def test_json_schema_schema_not_an_object_is_rejected(schema):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert rejected(chat(response_format=fmt)).param == "response_format.json_schema.schema"
+
+
+@pytest.mark.parametrize("choice", ["sometimes", "", {"type": "function", "function": "f"},
+                                    {"type": "function"}, {"function": {"name": 5}},
+                                    {"type": "web", "function": {"name": "f"}}])
+def test_bad_tool_choice_is_rejected(choice):
+    assert rejected(chat(tools=TOOLS, tool_choice=choice)).param == "tool_choice"
+
+
+@pytest.mark.parametrize("choice", ["none", "auto", "required",
+                                    {"type": "function", "function": {"name": "look"}}])
+def test_every_openai_tool_choice_is_accepted(choice):
+    assert chat_request(chat(tools=TOOLS, tool_choice=choice))["tool_choice"] == choice
+
+
+@pytest.mark.parametrize("seed", ["7", 1.5, True])
+def test_non_integer_seed_is_rejected(seed):
+    assert rejected(chat(seed=seed)).param == "seed"
+
+
+def test_more_than_2048_embedding_inputs_are_rejected():
+    error = rejected({"input": ["x"] * 2049}, embeddings_request)
+    assert error.param == "input" and "2048" in error.message
+
+
+def test_2048_embedding_inputs_are_accepted():
+    assert len(embeddings_request({"input": ["x"] * 2048})[0]) == 2048
+
+
+# -- read_body: the size limit holds for chunked bodies too --------------------------------
+
+class ServerStream:
+    """gunicorn's input stream for a chunked body: ``read`` only, its end is the body's end."""
+
+    def __init__(self, data, fail=None):
+        self.data = io.BytesIO(data)
+        self.fail = fail
+
+    def read(self, size=-1):
+        if self.fail is not None:
+            raise self.fail
+        return self.data.read(size)
+
+
+def read_chunked(data, limit, fail=None):
+    """Return ``read_body`` for a body with no Content-Length, as gunicorn hands it over."""
+    app = flask.Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = limit
+    environ = {"wsgi.input": ServerStream(data, fail), "wsgi.input_terminated": True,
+               "HTTP_TRANSFER_ENCODING": "chunked"}
+    with app.test_request_context("/", method="POST", environ_overrides=environ):
+        flask.request.environ.pop("CONTENT_LENGTH", None)
+        return read_body(flask.request)
+
+
+@pytest.mark.parametrize("size", [0, 1, 99, 100])
+def test_chunked_body_up_to_the_limit_is_read_whole(size):
+    assert read_chunked(b"a" * size, 100) == b"a" * size
+
+
+@pytest.mark.parametrize("size", [101, 102, 5000])
+def test_chunked_body_past_the_limit_is_413(size):
+    with pytest.raises(errors.PayloadTooLarge) as caught:
+        read_chunked(b"a" * size, 100)
+    assert caught.value.status == 413 and "100" in caught.value.message
+
+
+def test_broken_chunked_framing_is_400():
+    from gunicorn.http.errors import InvalidChunkSize
+
+    with pytest.raises(errors.InvalidRequest) as caught:
+        read_chunked(b"", 100, fail=InvalidChunkSize(b"zz"))
+    assert caught.value.status == 400
+
+
+def test_chunked_body_cut_off_at_the_limit_is_400():
+    class EndsEarly(ServerStream):
+        def read(self, size=-1):
+            data = super().read(size)
+            if not data:
+                raise ConnectionResetError("peer went away")
+            return data
+
+    app = flask.Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 10
+    environ = {"wsgi.input": EndsEarly(b"a" * 10), "wsgi.input_terminated": True}
+    with app.test_request_context("/", method="POST", environ_overrides=environ):
+        flask.request.environ.pop("CONTENT_LENGTH", None)
+        with pytest.raises(errors.InvalidRequest) as caught:
+            read_body(flask.request)
+    assert caught.value.status == 400

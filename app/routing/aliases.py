@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import yaml
 
 from app import errors
+from app.providers import KNOWN_PROVIDERS
 
 MAX_MODEL_LENGTH = 256
 
@@ -53,15 +54,26 @@ class AliasTable:
 
 
 def split_entry(text):
-    """Return the Entry for ``provider/model`` (model may contain '/')."""
+    """Return the Entry for ``provider/model`` (model may contain '/').
+
+    The provider prefix is case-insensitive (``Groq/x`` is ``groq/x``);
+    the model part is passed on exactly as written.
+    """
     provider, _, model = text.partition("/")
-    return Entry(provider, model)
+    return Entry(provider.lower(), model)
+
+
+def is_printable_ascii(text):
+    """Tell whether ``text`` is printable ASCII: safe in a header, a URL path and a log."""
+    return text.isascii() and text.isprintable()
 
 
 def _check_alias(name, body):
     if not isinstance(name, str) or not name.startswith("mana/"):
         raise AliasConfigError(f"alias {name!r}: name must start with 'mana/'")
     rest = name[len("mana/"):]
+    if not is_printable_ascii(name):
+        raise AliasConfigError(f"alias {name!r}: name must be printable ASCII")
     if not rest or "/" in rest or rest.strip() != rest:
         raise AliasConfigError(f"alias {name!r}: name must have exactly one segment "
                                "after 'mana/'")
@@ -74,14 +86,25 @@ def _check_alias(name, body):
     if not isinstance(chain, list) or not chain:
         raise AliasConfigError(f"alias {name!r}: chain must be a non-empty list")
     for item in chain:
-        if not isinstance(item, str) or not item.strip():
-            raise AliasConfigError(f"alias {name!r}: chain entries must be non-empty "
-                                   f"strings, got {item!r}")
-        provider, sep, model = item.partition("/")
-        if not sep or not provider or not model:
-            raise AliasConfigError(f"alias {name!r}: chain entry {item!r} needs a "
-                                   "provider prefix ('provider/model')")
+        _check_entry(name, item)
     return Alias(name, description, tuple(split_entry(i.strip()) for i in chain))
+
+
+def _check_entry(name, item):
+    if not isinstance(item, str) or not item.strip():
+        raise AliasConfigError(f"alias {name!r}: chain entries must be non-empty "
+                               f"strings, got {item!r}")
+    if not is_printable_ascii(item):
+        raise AliasConfigError(f"alias {name!r}: chain entry {item!r} must be printable "
+                               "ASCII")
+    provider, sep, model = item.strip().partition("/")
+    if not sep or not provider or not model:
+        raise AliasConfigError(f"alias {name!r}: chain entry {item!r} needs a "
+                               "provider prefix ('provider/model')")
+    if provider.lower() not in KNOWN_PROVIDERS:
+        raise AliasConfigError(f"alias {name!r}: chain entry {item!r} names unknown "
+                               f"provider {provider!r}; known providers: "
+                               f"{', '.join(KNOWN_PROVIDERS)}")
 
 
 def parse_aliases(doc):
@@ -111,6 +134,11 @@ def load_aliases(path):
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise AliasConfigError(f"{path} is not valid YAML: {exc}") from None
+    except (ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        # PyYAML's constructors raise these for values such as a date of
+        # month 13, a malformed !!timestamp or nesting thousands deep.
+        raise AliasConfigError(f"{path} is not valid YAML: {type(exc).__name__}: "
+                               f"{exc}") from None
     return parse_aliases(doc)
 
 
@@ -141,8 +169,14 @@ def check_model_string(model):
     if len(model) > MAX_MODEL_LENGTH:
         raise errors.InvalidRequest(f"'model' is longer than {MAX_MODEL_LENGTH} characters",
                                     param="model")
-    if not model.isprintable():
-        raise errors.InvalidRequest("'model' contains control characters", param="model")
+    if model != model.strip():
+        raise errors.InvalidRequest("'model' must not start or end with white space",
+                                    param="model")
+    if not is_printable_ascii(model):
+        # No provider has a non-ASCII model id, and the resolved model goes
+        # back in a response header, which cannot carry it.
+        raise errors.InvalidRequest("'model' must be printable ASCII: no control or "
+                                    "non-ASCII characters", param="model")
 
 
 def resolve_chain(model, table, known_providers):
