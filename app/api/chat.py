@@ -30,6 +30,7 @@ def chat_completions():
     body = chat_request(parse_json_body(request))
     asked = body.get("model") or gateway.aliases.table.default
     alias, entries = resolve_chain(body.get("model"), gateway.aliases.table, KNOWN_PROVIDERS)
+    g.caller.admit(asked)  # its models and quotas, before any upstream call
     if body.get("stream"):
         return _stream(gateway, body, asked, alias, entries)
 
@@ -39,7 +40,7 @@ def chat_completions():
 
     outcome = gateway.walker.walk(entries, call, asked=asked, alias=alias)
     answer = outcome.result
-    gateway.recorder.tokens(outcome.entry, answer.get("usage"))
+    gateway.recorder.tokens(outcome.entry, answer.get("usage"), g.caller)
     g.resolved = outcome.entry.label
     return Response(json.dumps(answer, separators=(",", ":")), mimetype="application/json",
                     headers={"X-Mana-LLM-Resolved": outcome.entry.label,
@@ -74,7 +75,7 @@ def _relay(gateway, outcome, asked, include_usage):
             for chunk in chunks:
                 usage = chunk.get("usage")
                 if usage:
-                    gateway.recorder.tokens(entry, usage)
+                    gateway.recorder.tokens(entry, usage, g.caller)
                 if not include_usage:
                     if not chunk.get("choices"):
                         continue

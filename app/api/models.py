@@ -77,6 +77,7 @@ def embeddings():
     inputs, encoding = embeddings_request(body)
     asked = body.get("model") or gateway.aliases.table.default
     alias, entries = resolve_chain(body.get("model"), gateway.aliases.table, KNOWN_PROVIDERS)
+    g.caller.admit(asked)  # its models and quotas, before any upstream call
     # Vectors from two models do not mix: never fall back to a different model.
     entries = [e for e in entries if e.model == entries[0].model]
 
@@ -85,7 +86,7 @@ def embeddings():
 
     outcome = gateway.walker.walk(entries, call, asked=asked, alias=alias)
     vectors, prompt_tokens = outcome.result
-    gateway.recorder.tokens(outcome.entry, {"prompt_tokens": prompt_tokens})
+    gateway.recorder.tokens(outcome.entry, {"prompt_tokens": prompt_tokens}, g.caller)
     g.resolved = outcome.entry.label
     response = jsonify({
         "object": "list",
