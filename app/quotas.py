@@ -3,24 +3,33 @@
 Windows are fixed: the current UTC minute and the current UTC day. Per
 caller and window the board keeps two counters (requests, tokens), each
 key named for its window and expiring with it. A caller with limits
-costs one board op when admitted (count the request, read the tokens)
-and one when its response closes (add the tokens); a caller without
-limits costs nothing on the way in and one op after its response closed.
+costs one board op when admitted (count the request, read the tokens).
+What a response used (tokens; the request itself for a caller without
+limits) is added up in the worker and put on the board by a background
+flush once a second, in one op for all callers: a request of a caller
+without limits never waits for the board, and token counts reach the
+board (and other workers' admissions) within about a second.
 
 A board that is down (or ``SHARED_STATE_URL=memory``) never blocks a
 caller: each worker then counts alone, at an equal share of each limit
 (limit / workers, at least 1).
 """
 
+import atexit
+import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 
 from app import errors
 from app.routing.board import MemoryBoard
 
+log = logging.getLogger(__name__)
+
 WINDOWS = (("minute", 60), ("day", 86400))
+FLUSH_EVERY = 1.0  # seconds between puts of the worker's pending counts on the board
 # Which counter each limit bounds.
 LIMITED = {"requests_per_minute": ("minute", "requests"),
            "tokens_per_minute": ("minute", "tokens"),
@@ -45,6 +54,9 @@ class Quotas:
         self.local = MemoryBoard(wall=wall)
         self._wall = wall
         self._recorder = recorder
+        self._lock = threading.Lock()
+        self._pending = {}
+        self._flusher_pid = None
 
     def _add(self, counts):
         """Return ``(values, shared)``: on the board, or this worker's own when it is away."""
@@ -88,14 +100,47 @@ class Quotas:
         return True
 
     def settle(self, name, counted, tokens):
-        """Count a finished request (unless admitted already) and its tokens."""
+        """Count a finished request (unless admitted already) and its tokens, for the flush."""
         if counted and not tokens:
             return
-        self._add(self._counts(name, self._wall(), requests=0 if counted else 1,
-                               tokens=tokens))
+        counts = self._counts(name, self._wall(), requests=0 if counted else 1, tokens=tokens)
+        with self._lock:
+            for key, (amount, until) in counts.items():
+                if amount:
+                    self._pending[key] = (self._pending.get(key, (0, until))[0] + amount,
+                                          until)
+        self._start_flusher()
+
+    def flush(self):
+        """Put the pending counts on the board (or this worker's own while it is away)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if pending:
+            self._add(pending)
+
+    def _start_flusher(self):
+        # Started by the first settle in each process: threads do not survive a fork.
+        if self._flusher_pid == os.getpid():
+            return
+        with self._lock:
+            if self._flusher_pid == os.getpid():
+                return
+            self._flusher_pid = os.getpid()
+        threading.Thread(target=self._flush_forever, name="mana-llm-usage-flush",
+                         daemon=True).start()
+        atexit.register(self.flush)  # a worker replaced on HUP leaves nothing behind
+
+    def _flush_forever(self):
+        while True:
+            time.sleep(FLUSH_EVERY)
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the flusher must outlive any one failure
+                log.exception("putting callers' usage on the board failed")
 
     def usage(self, callers):
         """Return each caller's usage of the current minute and day, and its limits."""
+        self.flush()  # this worker's own counts; others' arrive within FLUSH_EVERY
         now = self._wall()
         counts = {}
         for caller in callers:
