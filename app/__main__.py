@@ -61,6 +61,9 @@ def check_config(as_json):
         table = load_aliases(config["ALIASES_PATH"])
         callers = load_keys(config["KEYS_PATH"]) if config["KEYS_PATH"] else None
         prices = load_prices(config["PRICES_PATH"])
+        admin = config["ADMIN_KEY_NAME"]
+        if admin and callers and admin not in callers.callers:
+            raise ConfigError(f"ADMIN_KEY_NAME {admin!r} names no caller of KEYS_PATH")
     except (AliasConfigError, ConfigError, KeysConfigError, PricesConfigError) as exc:
         print(f"mana-llm: {exc}", file=sys.stderr)
         return 1

@@ -52,7 +52,7 @@ def test_check_keys_without_path_or_keys_path_fails(tmp_path, monkeypatch, capsy
 @pytest.fixture
 def config_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("KEYS_PATH", "PRICES_PATH", "ALIASES_PATH", "GPU_API_KEY"):
+    for name in ("KEYS_PATH", "PRICES_PATH", "ALIASES_PATH", "GPU_API_KEY", "ADMIN_KEY_NAME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ALIASES_PATH", os.path.join(REPO, "aliases.yaml"))
     return tmp_path
@@ -64,6 +64,13 @@ def test_check_config_hands_keys_and_prices_to_the_workers(config_dir, monkeypat
     snapshot = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in snapshot["callers"]["callers"]] == ["api", "ops"]
     assert snapshot["prices"]["defaults"]["ollama"] == {"prompt": 0.0, "completion": 0.0}
+
+
+def test_check_config_rejects_an_admin_who_is_no_caller(config_dir, monkeypatch, capsys):
+    monkeypatch.setenv("KEYS_PATH", write(config_dir / "k.yaml", GOOD))
+    monkeypatch.setenv("ADMIN_KEY_NAME", "root")
+    assert cli.main(["check-config"]) == 1
+    assert "ADMIN_KEY_NAME 'root' names no caller" in capsys.readouterr().err
 
 
 def test_check_config_rejects_a_bad_key_file(config_dir, monkeypatch, capsys):
