@@ -190,6 +190,29 @@ def test_two_instances_on_one_redis_share_the_quota(start, fakes, redis_server):
     client.close()
 
 
+def test_a_dead_board_blocks_no_caller_and_each_worker_takes_its_share(
+        start, redis_server):  # noqa: F811
+    server = start(SHARED_STATE_URL=redis_server.url, SHARED_STATE_PREFIX="e2e-dead:")
+    wait_for_room_in_the_minute()
+    redis_server.kill()
+    ids, statuses = fill_minute([server], 20, "dead")
+    assert statuses == [200] * 20  # the board is gone; callers are not held up
+    usage = requests.get(server.url + "/v1/usage", headers={"X-API-Key": API}, timeout=5)
+    assert usage.json()["callers"][0]["shared"] is False
+    # Each of the 2 workers now allows 60 / 2 = 30 of api's requests this minute.
+    more_ids, more = fill_minute([server], 50, "dead-more")
+    assert set(more) == {200, 429} and more.count(429) >= 10
+    status = dict(zip(ids + more_ids, statuses + more))
+    served = {}
+    for request_id, pid in workers_of(server, ids + more_ids).items():
+        served.setdefault(pid, []).append(status[request_id])
+    assert len(served) == 2
+    for statuses_of_one in served.values():
+        assert statuses_of_one.count(200) <= 30
+        if 429 in statuses_of_one:  # a worker that refused had used its whole share
+            assert statuses_of_one.count(200) == 30
+
+
 # --- usage, metrics and cost agree with the upstreams ----------------------------------------
 
 def reported_usage(response):
