@@ -97,6 +97,8 @@ def _accepted_settings():
                             env=dict(env, PYTHONPATH=path))
     if result.returncode != 0:
         raise ValueError(result.stderr.strip() or "configuration check failed")
+    for warning in result.stderr.splitlines():  # e.g. a model with no price
+        _log.warning(warning)
     return result.stdout.strip()
 
 

@@ -16,11 +16,14 @@ from flask import Flask
 
 from app import config as config_module
 from app.auth import install_auth
+from app.callers import caller_table
 from app.cors import install_cors
 from app.errors import register_error_handlers
 from app.metrics import LabelCap, Recorder
+from app.prices import load_prices, parse_prices
 from app.providers import KNOWN_PROVIDERS, build_providers
 from app.providers.inflight import InFlight
+from app.quotas import CallerBook, Quotas, workers_from
 from app.redact import Redactor
 from app.request_log import configure_logging, install_request_log
 from app.routing.aliases import AliasTable, load_aliases, parse_aliases, resolve_chain
@@ -88,6 +91,22 @@ def load_settings(test_config=None):
     return config, load_aliases(config["ALIASES_PATH"])
 
 
+def load_callers(config, test_config=None):
+    """Return ``(caller table, price table)``: the master's accepted ones under gunicorn."""
+    snapshot = os.environ.get(SNAPSHOT_VARIABLE) if test_config is None else None
+    if snapshot:
+        accepted = json.loads(snapshot)
+        return caller_table(config, accepted.get("callers")), parse_prices(accepted.get("prices"))
+    return caller_table(config), load_prices(config["PRICES_PATH"])
+
+
+def build_callers(config, test_config, recorder):
+    """Return the worker's CallerBook; its quotas count on a board of their own."""
+    table, prices = load_callers(config, test_config)
+    quotas = Quotas(open_board(config), workers=workers_from(), recorder=recorder)
+    return CallerBook(table, quotas, prices, recorder)
+
+
 def build_gateway(config, table):
     """Build a worker's Gateway from a validated config and alias table."""
     redactor = Redactor(config_module.secrets(config))
@@ -127,7 +146,7 @@ def create_app(test_config=None):
     app.extensions["mana_llm"] = gateway
     configure_logging(cfg["LOG_LEVEL"], gateway.redactor)
     install_request_log(app, gateway.recorder)
-    install_auth(app, cfg["GPU_API_KEY"], cfg["GPU_REQUIRE_AUTH"])
+    install_auth(app, build_callers(cfg, test_config, gateway.recorder))
     install_cors(app, cfg["CORS_ORIGINS"])
     register_error_handlers(app)
     _register_blueprints(app)
@@ -140,6 +159,7 @@ def _register_blueprints(app):
     for module in (chat, models, aliases, health, metrics):
         app.register_blueprint(module.bp)
     app.register_blueprint(__import__("app.api.openapi", fromlist=["bp"]).bp)
+    app.register_blueprint(__import__("app.api.usage", fromlist=["bp"]).bp)
 
 
 __all__ = ["create_app", "load_settings", "SNAPSHOT_VARIABLE", "KNOWN_PROVIDERS", "__version__"]

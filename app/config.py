@@ -37,6 +37,11 @@ _STRINGS = {
     "LOG_LEVEL": "info",
     "ALIASES_PATH": os.path.join(REPO_ROOT, "aliases.yaml"),
     "GPU_API_KEY": "",
+    # Callers: a YAML file of named keys (unset: GPU_API_KEY alone is the caller "default").
+    "KEYS_PATH": "",
+    # The caller whose key may read every caller's /v1/usage.
+    "ADMIN_KEY_NAME": "",
+    "PRICES_PATH": os.path.join(REPO_ROOT, "prices.yaml"),
     "CORS_ORIGINS": "",
     "PROMETHEUS_MULTIPROC_DIR": "",
     # Unset: this instance's own SQLite board; sqlite:///path, redis://host:port/db, memory.

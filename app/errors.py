@@ -79,6 +79,13 @@ class Unauthorized(GatewayError):
     kind = "unauthorized"
 
 
+class Forbidden(GatewayError):
+    """The caller's key may not use what it asked for (a model outside its globs)."""
+
+    status = 403
+    kind = "forbidden"
+
+
 class ModelNotFound(GatewayError):
     """No such alias, provider or model."""
 
@@ -182,6 +189,25 @@ class RateLimited(GatewayError):
 
     def headers(self):
         return retry_after_header(self.retry_after)
+
+
+class QuotaExceeded(RateLimited):
+    """The caller used up one of its own limits; retry once the window frees."""
+
+    reason = "quota"
+
+    def __init__(self, message, *, limit, retry_after, **kw):
+        super().__init__(message, retry_after=retry_after, **kw)
+        self.limit = limit
+
+    def body(self):
+        body = super().body()
+        body["detail"].update(reason="quota", limit=self.limit)
+        return body
+
+    def headers(self):
+        # Unlike a walked chain, waiting does help: the window frees.
+        return {"x-should-retry": "true", **super().headers()}
 
 
 class ChainExhausted(GatewayError):

@@ -103,16 +103,21 @@ class Recorder:
         # Error-side metrics carry what the caller asked for.
         self._child(LLM_ERRORS, entry.provider, self.cap(asked), reason).inc()
 
-    def tokens(self, entry, usage):
+    def tokens(self, entry, usage, caller=None):
+        """Count reported tokens; ``caller`` (the request's ``g.caller``) is charged too."""
         if not isinstance(usage, dict):
             return
         model = self.cap(entry.model)
+        counts = {}
         for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
             count = usage.get(key)
             # Upstreams report what they like; count only real numbers.
             if isinstance(count, (int, float)) and not isinstance(count, bool) \
                     and 0 < count < 1e9:
                 self._child(TOKENS, entry.provider, model, kind).inc(count)
+                counts[kind] = count
+        if caller is not None and counts:
+            caller.spend(entry, counts.get("prompt", 0), counts.get("completion", 0))
 
     def chain_done(self, attempts, entries, alias, served):
         """Record the walk: every entry moved past, and which entry served an alias."""
@@ -130,6 +135,18 @@ class Recorder:
     def shared_state_up(self, up):
         SHARED_STATE_UP.set(1 if up else 0)
 
+    def caller_request(self, caller, status):
+        CALLER_REQUESTS.labels(caller, str(status)).inc()
+
+    def caller_tokens(self, caller, provider, prompt, completion, cost):
+        for kind, count in (("prompt", prompt), ("completion", completion)):
+            if count:
+                CALLER_TOKENS.labels(caller, provider, kind).inc(count)
+        COST.labels(caller, provider).inc(cost)
+
+    def quota_rejected(self, caller, limit):
+        QUOTA_REJECTIONS.labels(caller, limit).inc()
+
 
 def render():
     """Return ``(body, content_type)`` of the exposition, aggregated over workers."""
@@ -143,3 +160,15 @@ def render():
     else:
         from prometheus_client import REGISTRY as registry
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+# Callers (the key file bounds the caller label).
+CALLER_REQUESTS = Counter("mana_llm_caller_requests_total", "HTTP requests per caller",
+                          ["caller", "status"])
+CALLER_TOKENS = Counter("mana_llm_caller_tokens_total",
+                        "Tokens reported by upstreams per caller", ["caller", "provider", "type"])
+COST = Counter("mana_llm_cost_usd", "What callers' calls cost, from prices.yaml (USD)",
+               ["caller", "provider"])
+QUOTA_REJECTIONS = Counter("mana_llm_quota_rejections_total",
+                           "Requests refused because a caller was over a limit",
+                           ["caller", "limit"])

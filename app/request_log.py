@@ -128,6 +128,8 @@ def install_request_log(app, recorder):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         method = request.method if request.method in _METHODS else "other"
         recorder.http_request(method, endpoint, response.status_code, seconds)
-        log.info("%s %s %s %.1fms model=%s", request.method, printable(request.path),
-                 response.status_code, seconds * 1000, g.get("resolved", "-"))
+        caller = g.get("caller")
+        log.info("%s %s %s %.1fms model=%s caller=%s", request.method, printable(request.path),
+                 response.status_code, seconds * 1000, g.get("resolved", "-"),
+                 caller.name if caller is not None else "-")
         return response

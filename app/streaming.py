@@ -137,12 +137,14 @@ class CommittedStream:
     ``GatewayError`` after commit is a failure counted against it (and
     raised on, so the view can tell the caller), and either way, or when
     the caller leaves, the upstream is closed. ``settle(error_or_None)``
-    is the walker's bookkeeping for the entry; ``recorder`` counts tokens;
+    is the walker's bookkeeping for the entry; ``recorder`` counts tokens
+    (charged to ``payer``, the request's caller, when there is one);
     ``on_close()`` is called once when the stream is done.
     """
 
-    def __init__(self, primed, entry, settle, recorder, on_close=None):
+    def __init__(self, primed, entry, settle, recorder, on_close=None, payer=None):
         self.entry = entry
+        self._payer = payer
         self._primed = primed
         self._settle = settle
         self._recorder = recorder
@@ -157,7 +159,7 @@ class CommittedStream:
             for part in (self._primed.head, self._primed.rest):
                 for chunk in part:
                     if chunk.get("usage"):
-                        self._recorder.tokens(self.entry, chunk["usage"])
+                        self._recorder.tokens(self.entry, chunk["usage"], self._payer)
                     yield chunk
         except errors.GatewayError as error:
             # Committed: never splice in another provider; the view tells the caller.

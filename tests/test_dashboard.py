@@ -51,6 +51,13 @@ SPEC_METRICS = {
 }
 # The shared board's gauges (SPEC §13); the README table and dashboard panel come with it.
 BOARD_METRICS = {"mana_llm_shared_state_up": ("gauge", ())}
+# Callers, quotas and cost (SPEC §14): in the README table and the "Callers" row.
+CALLER_METRICS = {
+    "mana_llm_caller_requests_total": ("counter", ("caller", "status")),
+    "mana_llm_caller_tokens_total": ("counter", ("caller", "provider", "type")),
+    "mana_llm_cost_usd_total": ("counter", ("caller", "provider")),
+    "mana_llm_quota_rejections_total": ("counter", ("caller", "limit")),
+}
 
 METRIC_RE = re.compile(r"mana_llm_[a-z_]+")
 STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -218,7 +225,7 @@ def variable_query(variable):
 
 
 def test_metrics_module_matches_spec_table():
-    assert defined_metrics() == {**SPEC_METRICS, **BOARD_METRICS}
+    assert defined_metrics() == {**SPEC_METRICS, **BOARD_METRICS, **CALLER_METRICS}
 
 
 def test_provider_health_gauge_is_livemin():
@@ -317,13 +324,22 @@ def test_alert_rules_pass_promtool(dashboards_md, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_spec_metric_is_on_the_dashboard(dashboard):
+@pytest.mark.parametrize("table", [SPEC_METRICS, CALLER_METRICS], ids=["spec", "callers"])
+def test_every_spec_metric_is_on_the_dashboard(dashboard, table):
     used = set()
     for _, expr in panel_exprs(dashboard):
         for name in METRIC_RE.findall(strip_strings(expr)):
-            used.add(base_metric(name, SPEC_METRICS))
-    missing = set(SPEC_METRICS) - used
+            used.add(base_metric(name, table))
+    missing = set(table) - used
     assert not missing, f"metrics without a panel: {sorted(missing)}"
+
+
+def test_callers_row_is_on_the_dashboard(dashboard):
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert "Callers" in rows
+    exprs = " ".join(expr for _, expr in panel_exprs(dashboard))
+    assert "sum by (caller, provider) (rate(mana_llm_cost_usd_total" in exprs
+    assert 'mana_llm_fallback_total{from_model=~"ollama/.*"' in exprs
 
 
 def test_required_panels(dashboard):
@@ -454,7 +470,7 @@ def test_metrics_md_table_matches_spec(metrics_md):
         if cells[0].startswith("`mana_llm_"):
             labels = tuple(re.findall(r"[a-z_]+", cells[2].split("(")[0]))
             rows[cells[0].strip("`")] = (cells[1], labels)
-    assert rows == SPEC_METRICS
+    assert rows == {**SPEC_METRICS, **CALLER_METRICS}
 
 
 @pytest.mark.parametrize("path", DOC_PATHS, ids=lambda path: os.path.relpath(path, REPO))
@@ -553,7 +569,8 @@ def test_env_example_values_are_the_defaults(tmp_path):
     dotenv.write_text("".join(f"{name}={value}\n" for name, value, _ in env_example()
                               if name in config_names))
     loaded = app_config.from_env(environ={}, dotenv_path=str(dotenv))
-    loaded["ALIASES_PATH"] = os.path.join(REPO, loaded["ALIASES_PATH"])
+    for name in ("ALIASES_PATH", "PRICES_PATH"):  # relative to the working directory
+        loaded[name] = os.path.join(REPO, loaded[name])
     assert loaded == app_config.build_config({})
     for name, default in gunicorn_variables().items():
         value = dict((n, v) for n, v, _ in env_example())[name]

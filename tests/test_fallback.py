@@ -46,6 +46,7 @@ class StubInFlight:
 class RecordingRecorder:
     def __init__(self):
         self.successes, self.errors, self.chains, self.tokens_seen = [], [], [], []
+        self.payers = []
 
     def llm_success(self, entry, streaming, seconds):
         self.successes.append(entry)
@@ -53,8 +54,9 @@ class RecordingRecorder:
     def llm_error(self, entry, asked, reason):
         self.errors.append((entry, asked, reason))
 
-    def tokens(self, entry, usage):
+    def tokens(self, entry, usage, caller=None):
         self.tokens_seen.append((entry, usage))
+        self.payers.append(caller)
 
     def chain_done(self, attempts, entries, alias, served):
         self.chains.append((list(attempts), entries, alias, served))
@@ -107,8 +109,8 @@ def chain(*providers):
     return [Entry(name, f"model-{name}") for name in providers]
 
 
-def walk(walker, entries, call, alias="mana/test", streaming=False):
-    return walker.walk(Route(alias, alias, tuple(entries)), call, streaming=streaming)
+def walk(walker, entries, call, alias="mana/test", streaming=False, **kw):
+    return walker.walk(Route(alias, alias, tuple(entries)), call, streaming=streaming, **kw)
 
 
 def trip(health, provider):
@@ -446,6 +448,14 @@ def test_a_stream_that_ends_cleanly_is_a_success(walker, health, recorder):
     assert closed == [True]
 
 
+def test_a_committed_stream_charges_its_tokens_to_the_payer(walker, recorder):
+    gen, _ = upstream(chunk("hi"), chunk(finish="stop", usage={"prompt_tokens": 3}))
+    stream = walk(walker, chain("ollama"), lambda p, e, c: prime(gen), streaming=True,
+                  payer="the caller").result
+    list(stream)
+    assert recorder.payers == ["the caller"]
+
+
 def test_a_stream_that_fails_after_commit_counts_against_its_provider(walker, health,
                                                                       recorder):
     failure = errors.UpstreamError("dropped", reason="closed-early")
@@ -471,7 +481,7 @@ def test_a_stream_the_caller_leaves_is_closed_and_says_nothing(walker, health, r
 def test_a_committed_stream_is_watched_for_its_caller_until_it_ends(walker, inflight):
     gen, closed = upstream(chunk("hi"), chunk(finish="stop"))
     stream = walker.walk(Route("m", None, tuple(chain("ollama"))), lambda p, e, c: prime(gen),
-                         streaming=True, caller="the caller's socket").result
+                         streaming=True, client="the caller's socket").result
     assert inflight.watched == (1, "the caller's socket")
     list(stream)
     assert inflight.watched is None

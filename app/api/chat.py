@@ -39,12 +39,13 @@ def chat_completions():
     gateway = current_app.extensions["mana_llm"]
     body = chat_request(parse_json_body(request))
     route = gateway.route(body.get("model"))
+    g.caller.admit(route.asked)  # its models and quotas, before any upstream call
     if body.get("stream"):
         return _stream(gateway, body, route)
     outcome = gateway.walker.walk(
         route, lambda provider, entry, call: provider.chat(body, entry.model, call))
     answer = outcome.result
-    gateway.recorder.tokens(outcome.entry, answer.get("usage"))
+    gateway.recorder.tokens(outcome.entry, answer.get("usage"), g.caller)
     return Response(json.dumps(answer, separators=(",", ":")), mimetype="application/json",
                     headers=answer_headers(outcome))
 
@@ -53,7 +54,7 @@ def _stream(gateway, body, route):
     # The caller's socket (gunicorn's): a stream whose caller left is closed at once.
     outcome = gateway.walker.walk(
         route, lambda provider, entry, call: prime(provider.stream_chat(body, entry.model, call)),
-        streaming=True, caller=request.environ.get("gunicorn.socket"))
+        streaming=True, client=request.environ.get("gunicorn.socket"), payer=g.caller)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     # The request context stays with the stream, so its log lines keep the request id.
     events = stream_with_context(_frame(outcome.result, include_usage))

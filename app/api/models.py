@@ -75,6 +75,7 @@ def embeddings():
     body = parse_json_body(request)
     inputs, encoding = embeddings_request(body)
     route = gateway.route(body.get("model"))
+    g.caller.admit(route.asked)  # its models and quotas, before any upstream call
     # Vectors from two models do not mix: never fall back to a different model.
     first = route.entries[0].model
     route = dataclasses.replace(route, entries=tuple(e for e in route.entries
@@ -82,7 +83,7 @@ def embeddings():
     outcome = gateway.walker.walk(
         route, lambda provider, entry, call: provider.embed(inputs, entry.model, body, call))
     vectors, prompt_tokens = outcome.result
-    gateway.recorder.tokens(outcome.entry, {"prompt_tokens": prompt_tokens})
+    gateway.recorder.tokens(outcome.entry, {"prompt_tokens": prompt_tokens}, g.caller)
     g.resolved = outcome.entry.label
     response = jsonify({
         "object": "list",

@@ -141,9 +141,11 @@ class MemoryBoard:
 
     name = "memory"
 
-    def __init__(self):
+    def __init__(self, *, wall=time.time):
         self._lock = threading.Lock()
         self._slates = {}
+        self._counters = {}
+        self._wall = wall
 
     def read(self, providers):
         with self._lock:
@@ -163,6 +165,22 @@ class MemoryBoard:
 
     def close(self):
         pass
+
+    # Counters (callers' quotas) are apart from the slates: ``counts`` is
+    # ``{key: (amount, expires_at wall seconds)}``; amount 0 reads.
+    def add(self, counts):
+        """Add to each counter atomically; return ``{key: new value}``."""
+        now = self._wall()
+        with self._lock:
+            counters = self._counters
+            for key in [k for k, (_, until) in counters.items() if until <= now]:
+                del counters[key]
+            out = {}
+            for key, (amount, until) in counts.items():
+                value = counters.get(key, (0, until))[0] + amount
+                counters[key] = (value, until)
+                out[key] = value
+            return out
 
 
 # --- the breaker in front of a backend -------------------------------------------------------
@@ -209,6 +227,10 @@ class GuardedBoard:
     def update(self, provider, change):
         """Apply ``change`` atomically; return the new Slate, or None if unavailable."""
         return self._attempt(self.backend.update, provider, change)
+
+    def add(self, counts):
+        """Add to counters atomically; return ``{key: value}``, or None if unavailable."""
+        return self._attempt(self.backend.add, counts)
 
     def reconnect(self):
         """Try a down board again if its retry is due; return whether it is up."""

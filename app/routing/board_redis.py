@@ -74,6 +74,19 @@ class RedisBoard:
         pipe.execute()
         return new
 
+    def add(self, counts):
+        """Add to each counter in one round trip; return ``{key: new value}``."""
+        keys = list(counts)
+        with self._guard():
+            pipe = self._client.pipeline(transaction=True)
+            for key in keys:
+                amount, until = counts[key]
+                pipe.incrby(f"{self.prefix}count:{key}", amount)
+                # Every key dies with its window (and a little after).
+                pipe.expireat(f"{self.prefix}count:{key}", int(until) + 1)
+            found = pipe.execute()
+        return {key: int(found[2 * i]) for i, key in enumerate(keys)}
+
     def check(self):
         """Raise BoardUnavailable unless Redis answers now."""
         with self._guard():

@@ -12,6 +12,7 @@ raises ``BoardUnavailable`` after at most ``timeout`` seconds.
 import dataclasses
 import sqlite3
 import threading
+import time
 
 from app.routing.board import BoardUnavailable, Slate
 
@@ -21,6 +22,8 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS slates (provider TEXT PRIMARY KEY, failure
           "trial_until REAL, trial_owner TEXT, last_error TEXT, probe_spent INTEGER)")
 HEARTBEAT = ("CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), "
              "beats INTEGER)")
+COUNTERS = ("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER, "
+            "expires REAL)")
 SELECT = f"SELECT provider, {', '.join(FIELDS)} FROM slates"
 UPSERT = (f"INSERT OR REPLACE INTO slates (provider, {', '.join(FIELDS)}) "
           f"VALUES ({', '.join('?' * (len(FIELDS) + 1))})")
@@ -31,8 +34,9 @@ class SqliteBoard:
 
     name = "sqlite"
 
-    def __init__(self, path, *, timeout=0.1):
+    def __init__(self, path, *, timeout=0.1, wall=time.time):
         self.path = path
+        self._wall = wall
         self._timeout = timeout
         self._lock = threading.Lock()
         self._connection = None
@@ -59,6 +63,28 @@ class SqliteBoard:
                 db.execute("ROLLBACK")
                 raise
             return new
+
+        with self._lock:
+            return self._run(transaction)
+
+    def add(self, counts):
+        """Add to each counter in one transaction; return ``{key: new value}``."""
+        def transaction(db):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                out = {}
+                for key, (amount, until) in counts.items():
+                    out[key] = db.execute(
+                        "INSERT INTO counters (key, value, expires) VALUES (?, ?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value "
+                        "RETURNING value", (key, amount, until)).fetchone()[0]
+                if any(amount for amount, _ in counts.values()):
+                    db.execute("DELETE FROM counters WHERE expires <= ?", (self._wall(),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return out
 
         with self._lock:
             return self._run(transaction)
@@ -95,6 +121,7 @@ class SqliteBoard:
                 db.execute("PRAGMA synchronous=OFF")
                 db.execute(SCHEMA)
                 db.execute(HEARTBEAT)
+                db.execute(COUNTERS)
             except sqlite3.Error:
                 db.close()
                 raise

@@ -50,13 +50,14 @@ class ChainWalker:
         self._inflight = inflight
         self._recorder = recorder
 
-    def walk(self, route, ask, *, streaming=False, caller=None):
+    def walk(self, route, ask, *, streaming=False, client=None, payer=None):
         """Return the Outcome of the first entry whose ``ask(provider, entry, call)`` succeeds.
 
         ``call`` is the in-flight registration to pass down to the
         transport. With ``streaming``, ``ask`` returns a primed stream and
-        the result is a ``CommittedStream`` that keeps its own books; if the
-        ``caller`` socket closes while the stream runs, its call is aborted.
+        the result is a ``CommittedStream`` that keeps its own books (its
+        tokens charged to ``payer``, the request's caller); if the ``client``
+        socket closes while the stream runs, its call is aborted.
         """
         attempts = []
         served = None
@@ -74,7 +75,7 @@ class ChainWalker:
                     continue
                 try:
                     outcome = self._try(provider, entry, ask, attempts, index, route.asked,
-                                        streaming, caller)
+                                        streaming, (client, payer))
                 except errors.CapabilityError as error:
                     if route.alias is None:
                         raise
@@ -90,7 +91,7 @@ class ChainWalker:
         finally:
             self._recorder.chain_done(attempts, route.entries, route.alias, served)
 
-    def _try(self, provider, entry, ask, attempts, index, asked, streaming, caller):
+    def _try(self, provider, entry, ask, attempts, index, asked, streaming, party):
         started = time.perf_counter()
         call = self._inflight.begin(entry.provider)
         try:
@@ -117,20 +118,20 @@ class ChainWalker:
             # success when it ends cleanly, so a provider that breaks every
             # stream mid-way still trips.
             self._health.release(entry.provider)
-            result = self._commit(result, entry, asked, call, caller)
+            result = self._commit(result, entry, asked, call, *party)
         else:
             self._health.record_success(entry.provider)
         self._recorder.llm_success(entry, streaming, seconds)
         return Outcome(entry, result, attempts, seconds)
 
-    def _commit(self, primed, entry, asked, call, caller):
-        """Return the CommittedStream for a primed stream; watch its caller, if known."""
+    def _commit(self, primed, entry, asked, call, client, payer):
+        """Return the CommittedStream for a primed stream; watch its client, if known."""
         on_close = None
-        if caller is not None:
-            self._inflight.watch(call, caller)
+        if client is not None:
+            self._inflight.watch(call, client)
             on_close = functools.partial(self._inflight.unwatch, call)
         settle = functools.partial(self._settle_stream, entry, asked)
-        return CommittedStream(primed, entry, settle, self._recorder, on_close)
+        return CommittedStream(primed, entry, settle, self._recorder, on_close, payer)
 
     def _record_failure(self, entry, error, asked):
         """Tell the metrics and the health cache what a failed call says about the provider."""
