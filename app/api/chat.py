@@ -3,7 +3,6 @@
 import json
 import os
 import time
-from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
@@ -12,8 +11,6 @@ from app.streaming import DONE, error_event, prime, sse_event
 from app.validation import chat_request, parse_json_body
 
 bp = Blueprint("chat", __name__)
-# What a header value may carry as is; anything else in a model name is percent-encoded.
-_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
 
 
 def server_timing(started, upstream_seconds):
@@ -25,12 +22,10 @@ def server_timing(started, upstream_seconds):
 
 def answer_headers(outcome):
     """Return the headers every answer carries: which entry and which worker served it."""
+    # The label fits a header: model strings and alias entries are printable ASCII.
     g.resolved = outcome.entry.label
-    # Headers are Latin-1: a model named in any other script must not turn an
-    # answer the upstream already gave (and billed) into a 500.
-    resolved = quote(outcome.entry.label, safe=_HEADER_SAFE)
     # The worker matters to whoever reads health: each worker keeps its own.
-    return {"X-Mana-LLM-Resolved": resolved, "X-Mana-LLM-Worker": str(os.getpid()),
+    return {"X-Mana-LLM-Resolved": outcome.entry.label, "X-Mana-LLM-Worker": str(os.getpid()),
             "Server-Timing": server_timing(g.started, outcome.upstream_seconds)}
 
 
