@@ -181,7 +181,7 @@ class Transport:
         except TRANSPORT_ERRORS as exc:
             self._checkin(exchange, reusable=False)
             raise self.failure(exc, exchange.call, "body", timeout) from None
-        self._checkin(exchange, reusable=complete)
+        self._checkin(exchange, reusable=complete and _framed(exchange.response.status))
         if _aborted(exchange.call):
             raise aborted_error(self.provider, exchange.call.aborted)
         if not complete:
@@ -237,6 +237,17 @@ class Transport:
                 f"{name}: connection failed ({type(exc).__name__})", reason="ConnectionError")
         return errors.UpstreamError(f"{name}: {'stream' if stage == 'stream' else 'connection'}"
                                     " closed early", reason="closed-early")
+
+
+def _framed(status):
+    """Tell whether an answer's status lets its body say where it ends.
+
+    http.client takes a 1xx other than 100, a 204 or a 304 as a whole
+    answer without a body; whatever the upstream sends after it (its real
+    answer, late) would be read by the next call on the connection as that
+    call's answer, so one caller would get another's. Never reuse those.
+    """
+    return status >= 200 and status not in (204, 304)
 
 
 def _aborted(call):
