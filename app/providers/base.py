@@ -21,8 +21,11 @@ from app.providers.transport import Reply
 
 log = logging.getLogger(__name__)
 
-# What reading an upstream answer of a shape we did not expect raises.
-READING_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+# What reading an upstream answer of a shape we did not expect raises. The
+# JSON parser raises RecursionError, not ValueError, for nesting deeper than
+# it recurses: an upstream can send that, so it is the upstream's failure.
+READING_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                  RecursionError)
 # How much of an error message is kept (after redaction), and how much of an
 # upstream's text is looked at before it (a few times more: redaction sees whole keys).
 MESSAGE_LENGTH = 600
@@ -194,7 +197,7 @@ def upstream_message(text):
     """Return the human message of an upstream error body (any provider's shape)."""
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text.strip()[:_MESSAGE_WINDOW] or "no message"
     if isinstance(doc, dict):
         err = doc.get("error", doc.get("detail", doc))
