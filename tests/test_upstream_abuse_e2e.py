@@ -235,3 +235,37 @@ def test_an_abusive_upstream_fails_its_entry_and_harms_nobody(rig, scenario):
           f"{peak / 2**20:.0f} MiB, worker CPU {sampler.cpu_used():.2f}s")
     assert server.alive() and len(server.worker_pids()) == 2
     assert "Traceback" not in server.log()
+
+
+DEEP = "[" * 100_000 + "]" * 100_000   # deeper than the JSON parser recurses
+CONTENT_EVENT = ('data: {"id":"x","object":"chat.completion.chunk","model":"m","choices":'
+                 '[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n')
+
+
+def test_json_nested_too_deep_to_parse_fails_the_entry_not_the_gateway(rig):
+    # The parser raises RecursionError for it, not ValueError: it was a 500 that
+    # stopped the walk at this entry (and never tripped it), or cut a stream.
+    server, fakes = rig
+    for fake in fakes.values():
+        fake.reset()
+    groq = fakes["groq"]
+    groq.behave("status", status=200, body=DEEP, path="/chat/completions",
+                headers={"Content-Type": "application/json"})
+    direct = chat(server, ABUSED, stream=False)
+    assert direct.status_code == 503, direct.text[:300]
+    assert direct.json()["error"]["attempts"] == [{"model": ABUSED,
+                                                   "reason": "malformed-response"}]
+    walked = chat(server, ALIAS, stream=False)
+    assert (walked.status_code, walked.headers["X-Mana-LLM-Resolved"]) == (200, NEXT)
+    groq.behave("status", status=500, body=DEEP, path="/chat/completions",
+                headers={"Content-Type": "application/json"})
+    assert chat(server, ALIAS, stream=True).headers["X-Mana-LLM-Resolved"] == NEXT
+    # After the first content the stream is committed: it ends with an error event.
+    groq.behave("flood", frame=CONTENT_EVENT + f"data: {DEEP}\n\n", size=1,
+                path="/chat/completions")
+    committed = chat(server, ALIAS, stream=True)
+    assert committed.headers["X-Mana-LLM-Resolved"] == ABUSED
+    assert committed.text.endswith("data: [DONE]\n\n")
+    assert '"type":"upstream_error"' in committed.text
+    assert groq.hits("/chat/completions") == 4
+    assert "Traceback" not in server.log()
