@@ -763,7 +763,7 @@ class Handler(BaseHTTPRequestHandler):
         if mode in ("status", "rate_limit", "malformed"):
             return self.send_plain(failure_reply(call))
         if mode == "huge_body":
-            return self.send_huge(int(opts.get("size", HUGE_BODY)))
+            return self.send_huge(int(opts.get("size", HUGE_BODY)), opts.get("filler"))
         reply = build_reply(self.command, call)
         if reply.status != 200:
             return self.send_plain(reply)
@@ -858,18 +858,26 @@ class Handler(BaseHTTPRequestHandler):
             self.write_chunk(frame)
         self.write_chunks(reply.tail, end=True)
 
-    def send_huge(self, size):
-        """Answer 200 with a JSON chat answer of ``size`` bytes, written block by block."""
+    def send_huge(self, size, filler=None):
+        """Answer 200 with a JSON chat answer of ``size`` bytes, written block by block.
+
+        The bulk is one long content string, or with ``filler`` (``"{},"``,
+        say) that repeated in an extra array: many small values.
+        """
         head = b'{"choices":[{"index":0,"finish_reason":"stop","message":' \
                b'{"role":"assistant","content":"'
         tail = b'"}}]}'
-        self.start_response(Reply(), max(size, len(head) + len(tail)))
+        if filler:
+            head, tail = head + b'x"}}],"extra":[', b"0]}"
+        unit = filler.encode() if filler else b"a"
+        left = max(0, size - len(head) - len(tail))
+        left -= left % len(unit)
+        self.start_response(Reply(), len(head) + left + len(tail))
         self.wfile.write(head)
-        left = size - len(head) - len(tail)
-        block = b"a" * BLOCK
+        block = unit * (BLOCK // len(unit))
         while left > 0 and not self.stop_event.is_set():
             self.wfile.write(block[:left])
-            left -= BLOCK
+            left -= len(block)
         self.wfile.write(tail)
 
     def send_flood(self, reply, opts):

@@ -386,6 +386,15 @@ def test_huge_body_declares_its_size_and_sends_it_block_by_block(fake):
     assert len(response.json()["choices"][0]["message"]["content"]) > 299_000
 
 
+def test_huge_body_with_a_filler_is_many_small_values(fake):
+    fake.behave("huge_body", size=30_000, filler="{},")
+    response = post(fake, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": USER})
+    answer = response.json()
+    assert int(response.headers["Content-Length"]) == len(response.content) > 29_900
+    assert answer["choices"][0]["message"]["content"] == "x"
+    assert answer["extra"][:2] == [{}, {}] and len(answer["extra"]) > 9_900
+
+
 def test_huge_body_stops_writing_when_the_client_leaves(fake):
     fake.behave("huge_body")  # 400 MB declared
     response = post(fake, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": USER},

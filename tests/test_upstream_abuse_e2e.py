@@ -143,8 +143,8 @@ def errors_counted(server, reason):
     return total
 
 
-def run_abuse(server, stream, rounds, outcomes):
-    """Send ABUSERS x ``rounds`` abusive requests at once (direct and alias, alternating)."""
+def run_abuse(server, stream, rounds, outcomes, abusers=ABUSERS):
+    """Send ``abusers`` x ``rounds`` abusive requests at once (direct and alias, alternating)."""
     busy = []
 
     def abuser(number):
@@ -158,7 +158,7 @@ def run_abuse(server, stream, rounds, outcomes):
             finally:
                 busy.pop()
 
-    threads = [threading.Thread(target=abuser, args=(n,)) for n in range(ABUSERS)]
+    threads = [threading.Thread(target=abuser, args=(n,)) for n in range(abusers)]
     for thread in threads:
         thread.start()
     return threads, busy
@@ -192,8 +192,22 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_an_abusive_upstream_fails_its_entry_and_harms_nobody(rig, scenario):
-    server, fakes = rig
     behaviour, stream, reason, rounds = SCENARIOS[scenario]
+    abuse_and_check(rig, scenario, behaviour, stream, reason, rounds, ABUSERS)
+
+
+def test_an_answer_of_millions_of_tiny_objects_is_refused_before_it_is_decoded(rig):
+    # 31 MiB (under the size limit) of "{}," is ten million dicts once decoded:
+    # three such answers at once took a worker to 1.7 GB. One at a time here: four
+    # at once still hold 4 x 31 MiB as read, which with the allocator's leftovers
+    # comes near the 300 MiB bound by itself (the size limit's own cost).
+    behaviour = dict(mode="huge_body", size=31 * 1024 * 1024, filler="{},")
+    abuse_and_check(rig, "object-bomb", behaviour, False, "too-large", ROUNDS, 1)
+
+
+def abuse_and_check(rig, scenario, behaviour, stream, reason, rounds, abusers):
+    """Abuse Groq as told; check the entry failed, the walk moved on, others were served."""
+    server, fakes = rig
     for fake in fakes.values():
         fake.reset()
     fakes["groq"].behave(path="/chat/completions", **behaviour)
@@ -201,13 +215,13 @@ def test_an_abusive_upstream_fails_its_entry_and_harms_nobody(rig, scenario):
     outcomes = []
     started = time.monotonic()
     with Sampler(server) as sampler:
-        threads, busy = run_abuse(server, stream, rounds, outcomes)
+        threads, busy = run_abuse(server, stream, rounds, outcomes, abusers)
         answers, during = others_while(server, threads, busy)
         for thread in threads:
             thread.join(timeout=90)
     elapsed = time.monotonic() - started
 
-    assert len(outcomes) == ABUSERS * rounds
+    assert len(outcomes) == abusers * rounds
     for model, response in outcomes:
         assert isinstance(response, requests.Response), f"{model}: {response!r}"
         if model == ALIAS:  # the walk moved on and the caller got the next entry's answer
@@ -218,9 +232,9 @@ def test_an_abusive_upstream_fails_its_entry_and_harms_nobody(rig, scenario):
             assert response.status_code == 503, response.text[:500]
             assert response.json()["error"]["attempts"] == [{"model": ABUSED,
                                                              "reason": reason}]
-    assert fakes["groq"].hits("/chat/completions") == ABUSERS * rounds
-    assert fakes["openrouter"].hits("/chat/completions") == ABUSERS * rounds // 2
-    assert errors_counted(server, reason) - counted_before == ABUSERS * rounds
+    assert fakes["groq"].hits("/chat/completions") == abusers * rounds
+    assert fakes["openrouter"].hits("/chat/completions") == abusers * rounds // 2
+    assert errors_counted(server, reason) - counted_before == abusers * rounds
 
     assert answers and during >= 1, "no request to another provider ran during the abuse"
     for response in answers:
@@ -230,7 +244,7 @@ def test_an_abusive_upstream_fails_its_entry_and_harms_nobody(rig, scenario):
     assert sampler.peak, "no worker RSS was sampled"
     peak = max(sampler.peak.values())
     assert peak < RSS_LIMIT, f"a worker reached {peak / 2**20:.0f} MiB"
-    print(f"\n[figure] {scenario}: {ABUSERS * rounds} abusive requests in {elapsed:.1f}s, "
+    print(f"\n[figure] {scenario}: {abusers * rounds} abusive requests in {elapsed:.1f}s, "
           f"{len(answers)} others answered ({during} during the abuse), worker RSS peak "
           f"{peak / 2**20:.0f} MiB, worker CPU {sampler.cpu_used():.2f}s")
     assert server.alive() and len(server.worker_pids()) == 2

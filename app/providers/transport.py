@@ -60,7 +60,7 @@ class Reply:
 
     status: int
     headers: object     # case-insensitive mapping
-    body: bytes
+    body: bytearray     # as read (bytes-like: json.loads and decode take it)
 
 
 @dataclass
@@ -165,9 +165,11 @@ class Transport:
         return Reply(exchange.response.status, exchange.response.headers, body)
 
     def _read_all(self, exchange, deadline, timeout):
-        parts, size, complete = [], 0, False
+        # One buffer grown in place: a list of parts joined at the end held
+        # every answer twice at its peak (64 MiB for one at the size limit).
+        body, complete = bytearray(), False
         try:
-            while size <= self.max_answer_bytes:
+            while len(body) <= self.max_answer_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise socket.timeout()
@@ -176,8 +178,7 @@ class Transport:
                 if not data:
                     complete = not _aborted(exchange.call)
                     break
-                size += len(data)
-                parts.append(data)
+                body += data
         except TRANSPORT_ERRORS as exc:
             self._checkin(exchange, reusable=False)
             raise self.failure(exc, exchange.call, "body", timeout) from None
@@ -188,7 +189,7 @@ class Transport:
             raise errors.UpstreamError(
                 f"{self.provider}: answer larger than {self.max_answer_bytes} bytes",
                 reason="too-large")
-        return b"".join(parts)
+        return body
 
     def open_stream(self, path, data, *, call=None, idle_timeout, params=None):
         """Start a streamed request: an ``UpstreamStream`` on 2xx, else the whole ``Reply``.
