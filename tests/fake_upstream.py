@@ -42,7 +42,13 @@ NDJSON_TYPE = "application/x-ndjson"
 SSE_TYPE = "text/event-stream"
 GEMINI_MODES = ("safety", "prompt_blocked", "max_tokens_empty", "max_tokens_text")
 MODES = ("ok", "hang", "delay", "status", "rate_limit", "malformed", "drop_after",
-         "stall_after", "stream_error", "trickle", "slow_stream", "tool_call") + GEMINI_MODES
+         "stall_after", "stream_error", "trickle", "slow_stream", "tool_call",
+         "flood", "huge_body") + GEMINI_MODES
+# What "huge_body" declares and sends when the test names no size: far more
+# than any answer a gateway should hold, written block by block, never built.
+HUGE_BODY = 400 * 1000 * 1000
+FLOOD_LIMIT = 1 << 30
+BLOCK = 65536
 DEFAULT_ARGS = {"city": "Paris"}
 
 OLLAMA_MODELS = ("qwen2.5:7b", "gemma3:4b", "llava:7b", "nomic-embed-text")
@@ -756,9 +762,13 @@ class Handler(BaseHTTPRequestHandler):
             self.pause(float(opts.get("seconds", 1.0)), stop_is_error=True)
         if mode in ("status", "rate_limit", "malformed"):
             return self.send_plain(failure_reply(call))
+        if mode == "huge_body":
+            return self.send_huge(int(opts.get("size", HUGE_BODY)), opts.get("filler"))
         reply = build_reply(self.command, call)
         if reply.status != 200:
             return self.send_plain(reply)
+        if mode == "flood":
+            return self.send_flood(reply, opts)
         if reply.stream:
             return self.send_stream(reply, mode, opts)
         if mode == "stream_error":
@@ -847,6 +857,47 @@ class Handler(BaseHTTPRequestHandler):
             self.pause(interval, stop_is_error=True)
             self.write_chunk(frame)
         self.write_chunks(reply.tail, end=True)
+
+    def send_huge(self, size, filler=None):
+        """Answer 200 with a JSON chat answer of ``size`` bytes, written block by block.
+
+        The bulk is one long content string, or with ``filler`` (``"{},"``,
+        say) that repeated in an extra array: many small values.
+        """
+        head = b'{"choices":[{"index":0,"finish_reason":"stop","message":' \
+               b'{"role":"assistant","content":"'
+        tail = b'"}}]}'
+        if filler:
+            head, tail = head + b'x"}}],"extra":[', b"0]}"
+        unit = filler.encode() if filler else b"a"
+        left = max(0, size - len(head) - len(tail))
+        left -= left % len(unit)
+        self.start_response(Reply(), len(head) + left + len(tail))
+        self.wfile.write(head)
+        block = unit * (BLOCK // len(unit))
+        while left > 0 and not self.stop_event.is_set():
+            self.wfile.write(block[:left])
+            left -= len(block)
+        self.wfile.write(tail)
+
+    def send_flood(self, reply, opts):
+        """Stream ``frame`` (a keep-alive comment unless told) over and over, chunked.
+
+        Until ``size`` bytes, MAX_WAIT, stop() or the client leaves; every
+        ``interval`` seconds, or as fast as the client reads when 0.
+        """
+        frame = opts.get("frame", ": keep-alive\n\n")
+        frame = frame.encode("utf-8") if isinstance(frame, str) else bytes(frame)
+        interval = float(opts.get("interval", 0.0))
+        limit = int(opts.get("size", FLOOD_LIMIT))
+        block = frame if interval else frame * max(1, BLOCK // len(frame))
+        self.start_response(reply)
+        sent, deadline = 0, time.monotonic() + MAX_WAIT
+        while sent < limit and time.monotonic() < deadline:
+            self.pause(interval, stop_is_error=True)
+            self.write_chunk(block)
+            sent += len(block)
+        self.write_chunks([], end=True)
 
     def trickle(self, data, interval, write):
         """Write the data one byte per interval with ``write``."""

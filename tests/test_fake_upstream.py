@@ -378,6 +378,51 @@ def test_client_leaving_a_stream_is_counted(fake):
     assert fake.wait_for(lambda: fake.stream_write_failures >= 1, timeout=5)
 
 
+def test_huge_body_declares_its_size_and_sends_it_block_by_block(fake):
+    fake.behave("huge_body", size=300_000)
+    response = post(fake, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": USER})
+    assert response.headers["Content-Length"] == "300000"
+    assert len(response.content) == 300_000
+    assert len(response.json()["choices"][0]["message"]["content"]) > 299_000
+
+
+def test_huge_body_with_a_filler_is_many_small_values(fake):
+    fake.behave("huge_body", size=30_000, filler="{},")
+    response = post(fake, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": USER})
+    answer = response.json()
+    assert int(response.headers["Content-Length"]) == len(response.content) > 29_900
+    assert answer["choices"][0]["message"]["content"] == "x"
+    assert answer["extra"][:2] == [{}, {}] and len(answer["extra"]) > 9_900
+
+
+def test_huge_body_stops_writing_when_the_client_leaves(fake):
+    fake.behave("huge_body")  # 400 MB declared
+    response = post(fake, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": USER},
+                    stream=True)
+    assert len(response.raw.read(1_000_000)) == 1_000_000
+    response.close()
+    assert fake.wait_for(lambda: fake.stream_write_failures >= 1, timeout=10)
+
+
+def test_flood_repeats_its_frame_up_to_its_size(fake):
+    fake.behave("flood", frame="data: {}\n\n", size=1000)
+    response = post(fake, *CHAT["openai"])
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert set(response.text.split("\n\n")) == {"data: {}", ""}
+    assert 1000 <= len(response.content) < 1000 + 65536
+
+
+def test_flood_sends_keep_alive_comments_every_interval(fake):
+    fake.behave("flood", interval=0.05)
+    response = post(fake, *CHAT["ollama"], stream=True)
+    started = time.monotonic()
+    lines = response.iter_lines()
+    assert [next(lines) for _ in range(4)] == [b": keep-alive", b"", b": keep-alive", b""]
+    assert time.monotonic() - started >= 0.05
+    response.close()
+    assert fake.wait_for(lambda: fake.stream_write_failures >= 1, timeout=5)
+
+
 @pytest.mark.parametrize("mode, finish, text", [
     ("safety", "SAFETY", ""),
     ("max_tokens_empty", "MAX_TOKENS", ""),

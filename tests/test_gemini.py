@@ -14,6 +14,10 @@ KEY = "test-google-key"
 LABEL = "google/gemini-2.0-flash"
 PNG = "data:image/png;base64,iVBORw0KGgo="
 
+# Nested deeper than the JSON parser recurses (RecursionError, not ValueError):
+# a caller's 200 KB request was the gateway's own 500.
+DEEP = "[" * 100_000 + "]" * 100_000
+
 
 def user(text):
     return {"role": "user", "content": text}
@@ -224,6 +228,7 @@ def test_tool_round_trip_becomes_function_call_and_response():
     ("sunny", {"content": "sunny"}),
     ("[1, 2]", {"content": "[1, 2]"}),
     ("", {"content": ""}),
+    (DEEP, {"content": DEEP}),
     ([{"type": "text", "text": '{"ok": true}'}], {"ok": True}),
 ])
 def test_tool_result_that_is_not_an_object_is_wrapped(content, expected):
@@ -259,7 +264,7 @@ def test_tool_message_without_a_matching_call_is_an_invalid_request():
                                                     "content": "1"}]})
 
 
-@pytest.mark.parametrize("arguments", ["{not json", "[1]"])
+@pytest.mark.parametrize("arguments", ["{not json", "[1]", DEEP])
 def test_bad_tool_call_arguments_are_an_invalid_request(arguments):
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
     with pytest.raises(errors.InvalidRequest):

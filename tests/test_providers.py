@@ -103,6 +103,16 @@ def test_assistant_tool_call_arguments_become_objects():
     assert assistant["content"] == ""
 
 
+def test_tool_call_arguments_nested_too_deep_to_parse_are_an_invalid_request():
+    # The JSON parser raises RecursionError for them, not ValueError: it was our 500.
+    body = request(messages=[USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "[" * 100_000 + "]" * 100_000}}]}])
+    with pytest.raises(errors.InvalidRequest) as caught:
+        chat_body(body, "qwen2.5:7b", False)
+    assert caught.value.param == "messages"
+
+
 # -- Ollama: answer translation -----------------------------------------------------------
 
 def ollama_answer(content="", **extra):
@@ -387,6 +397,50 @@ def test_upstream_5xx_is_upstream_error(upstream, providers, status):
     error = groq_answers(upstream, providers, status=status, body="oops")
     assert type(error) is errors.UpstreamError
     assert (error.status, error.reason, error.on_failure) == (502, f"HTTP {status}", "trip")
+
+
+# Nested deeper than the JSON parser recurses: it raises RecursionError, not
+# ValueError, which escaped every check as the gateway's own 500 (the walk
+# stopped there, and the provider, never blamed, kept answering every caller so).
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("status, reason", [(200, "malformed-response"), (500, "HTTP 500"),
+                                            (400, "HTTP 400")])
+def test_an_answer_nested_too_deep_to_parse_is_the_upstreams_failure(
+        upstream, providers, status, reason):
+    error = groq_answers(upstream, providers, status=status, body=DEEP)
+    assert isinstance(error, errors.GatewayError) and error.reason == reason
+    assert error.status != 500
+
+
+@pytest.mark.parametrize("status, reason", [(200, "too-large"), (500, "HTTP 500")])
+def test_an_answer_of_more_objects_than_we_decode_is_not_decoded(upstream, providers,
+                                                                 status, reason):
+    # 1.8 MB of "{}," is 600,000 dicts once decoded (31 MiB of it: 1.7 GB for three).
+    error = groq_answers(upstream, providers, status=status,
+                         body='{"choices": [' + "{}," * 600_000 + "{}]}")
+    assert (type(error), error.reason) == (errors.UpstreamError, reason)
+    assert len(error.message) <= 600
+
+
+def test_a_stream_event_nested_too_deep_to_parse_is_malformed(upstream, providers):
+    content = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+    upstream.add("POST", GROQ + "/chat/completions", content_type="text/event-stream",
+                 body=f"data: {json.dumps(content)}\n\ndata: {DEEP}\n\n")
+    chunks = providers["groq"].stream_chat(request(stream=True), "llama-3.1-8b-instant")
+    assert next(chunks)["choices"][0]["delta"]["content"] == "hi"
+    with pytest.raises(errors.UpstreamError) as caught:
+        next(chunks)
+    assert caught.value.reason == "malformed-response"
+
+
+def test_an_ollama_stream_line_nested_too_deep_to_parse_is_malformed(upstream, providers):
+    upstream.add("POST", OLLAMA + "/api/chat", content_type="application/x-ndjson",
+                 body=DEEP + "\n")
+    with pytest.raises(errors.UpstreamError) as caught:
+        list(providers["ollama"].stream_chat(request(stream=True), "qwen2.5:7b"))
+    assert caught.value.reason == "malformed-response"
 
 
 def test_429_with_retry_after_seconds_is_rate_limited(upstream, providers):

@@ -130,6 +130,69 @@ class LateTerminatorServer:
         self.listener.close()
 
 
+class InformationalFirstServer:
+    """Answers each request with a bodiless status at once (``status``: 1xx, 204) and,
+    ``delay`` later on the same connection, a 200 naming the request it answers."""
+
+    def __init__(self, status, delay=0.3):
+        self.status = status
+        self.delay = delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            self._answer(conn)
+        except OSError:
+            pass  # the transport closed the connection: what it should do
+
+    def _answer(self, conn):
+        with conn, conn.makefile("rb") as reader:
+            for _ in range(20):
+                length = 0
+                for line in iter(reader.readline, b"\r\n"):
+                    if not line:
+                        return
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                asked = reader.read(length)
+                conn.sendall(b"HTTP/1.1 %d Wait\r\n\r\n" % self.status)
+                time.sleep(self.delay)
+                answer = b'{"answer_for": %s}' % asked
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("status", [102, 103, 204])
+def test_a_bodiless_status_never_hands_the_next_call_an_earlier_answer(status):
+    # http.client takes a 1xx other than 100 (or a 204) as the whole answer; the
+    # upstream's real answer arrives later on that connection. Kept for the next
+    # call, it would be read as the next caller's answer: one caller gets another's.
+    server = InformationalFirstServer(status)
+    try:
+        upstream = transport(server.url)
+        answers = [upstream.fetch("POST", "/chat", b'{"caller": %d}' % n) for n in range(3)]
+        for n, reply in enumerate(answers):
+            if reply.status == 200:
+                assert json.loads(reply.body)["answer_for"] == {"caller": n}
+            else:
+                assert reply.status == status
+    finally:
+        server.close()
+
+
 def test_stream_ended_by_done_returns_its_connection_to_the_pool():
     server = LateTerminatorServer()
     try:

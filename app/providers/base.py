@@ -21,12 +21,20 @@ from app.providers.transport import Reply
 
 log = logging.getLogger(__name__)
 
-# What reading an upstream answer of a shape we did not expect raises.
-READING_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+# What reading an upstream answer of a shape we did not expect raises. The
+# JSON parser raises RecursionError, not ValueError, for nesting deeper than
+# it recurses: an upstream can send that, so it is the upstream's failure.
+READING_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                  RecursionError)
 # How much of an error message is kept (after redaction), and how much of an
 # upstream's text is looked at before it (a few times more: redaction sees whole keys).
 MESSAGE_LENGTH = 600
 _MESSAGE_WINDOW = 4 * MESSAGE_LENGTH
+# Decoded JSON costs memory per object and array, not per byte: 31 MiB of
+# "{}," (under the transport's size limit) is ten million dicts, 1.7 GB for
+# three such answers at once. Real answers have far fewer: logprobs of 4,096
+# tokens with 20 alternatives each are about 180,000.
+MAX_CONTAINERS = 500_000
 
 
 class Provider:
@@ -91,6 +99,10 @@ class Provider:
                                      timeout=timeout, params=params)
         if reply.status >= 300:
             raise self.error_for_status(reply, model)
+        if too_many_containers(reply.body):
+            raise errors.UpstreamError(
+                f"{self.name}/{model}: answer has over {MAX_CONTAINERS} JSON objects and arrays",
+                reason="too-large")
         try:
             return json.loads(reply.body)
         except ValueError:
@@ -186,15 +198,23 @@ def parse_retry_after(value, default, now=None):
     return min(max(0.0, when.timestamp() - now), errors.MAX_RETRY_AFTER)
 
 
+def too_many_containers(raw):
+    """Tell whether JSON text (bytes or str) may hold more objects and arrays than we decode."""
+    opening = ("{", "[") if isinstance(raw, str) else (b"{", b"[")
+    return raw.count(opening[0]) + raw.count(opening[1]) > MAX_CONTAINERS
+
+
 def _as_text(raw):
-    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
 
 
 def upstream_message(text):
     """Return the human message of an upstream error body (any provider's shape)."""
     try:
+        if too_many_containers(text):
+            raise ValueError("too big to decode")
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text.strip()[:_MESSAGE_WINDOW] or "no message"
     if isinstance(doc, dict):
         err = doc.get("error", doc.get("detail", doc))

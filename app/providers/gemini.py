@@ -120,7 +120,7 @@ def _parse_arguments(arguments):
         return arguments if isinstance(arguments, dict) else {}
     try:
         parsed = json.loads(arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than it parses
         raise errors.InvalidRequest("tool call arguments must be a JSON string",
                                     param="messages") from None
     if not isinstance(parsed, dict):
@@ -164,7 +164,7 @@ def _function_response_part(message, names, where):
     text = _text_of(message.get("content"))
     try:
         parsed = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than it parses
         parsed = None
     response = parsed if isinstance(parsed, dict) else {"content": text}
     return {"functionResponse": {"name": name, "response": response}}

@@ -60,7 +60,7 @@ def _tool_calls_to_ollama(tool_calls, where):
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
                 raise errors.InvalidRequest("tool call arguments must be a JSON string",
                                             param="messages") from None
         out.append({"function": {"name": name, "arguments": arguments}})

@@ -60,7 +60,7 @@ class Reply:
 
     status: int
     headers: object     # case-insensitive mapping
-    body: bytes
+    body: bytearray     # as read (bytes-like: json.loads and decode take it)
 
 
 @dataclass
@@ -165,9 +165,11 @@ class Transport:
         return Reply(exchange.response.status, exchange.response.headers, body)
 
     def _read_all(self, exchange, deadline, timeout):
-        parts, size, complete = [], 0, False
+        # One buffer grown in place: a list of parts joined at the end held
+        # every answer twice at its peak (64 MiB for one at the size limit).
+        body, complete = bytearray(), False
         try:
-            while size <= self.max_answer_bytes:
+            while len(body) <= self.max_answer_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise socket.timeout()
@@ -176,19 +178,18 @@ class Transport:
                 if not data:
                     complete = not _aborted(exchange.call)
                     break
-                size += len(data)
-                parts.append(data)
+                body += data
         except TRANSPORT_ERRORS as exc:
             self._checkin(exchange, reusable=False)
             raise self.failure(exc, exchange.call, "body", timeout) from None
-        self._checkin(exchange, reusable=complete)
+        self._checkin(exchange, reusable=complete and _framed(exchange.response.status))
         if _aborted(exchange.call):
             raise aborted_error(self.provider, exchange.call.aborted)
         if not complete:
             raise errors.UpstreamError(
                 f"{self.provider}: answer larger than {self.max_answer_bytes} bytes",
                 reason="too-large")
-        return b"".join(parts)
+        return body
 
     def open_stream(self, path, data, *, call=None, idle_timeout, params=None):
         """Start a streamed request: an ``UpstreamStream`` on 2xx, else the whole ``Reply``.
@@ -237,6 +238,17 @@ class Transport:
                 f"{name}: connection failed ({type(exc).__name__})", reason="ConnectionError")
         return errors.UpstreamError(f"{name}: {'stream' if stage == 'stream' else 'connection'}"
                                     " closed early", reason="closed-early")
+
+
+def _framed(status):
+    """Tell whether an answer's status lets its body say where it ends.
+
+    http.client takes a 1xx other than 100, a 204 or a 304 as a whole
+    answer without a body; whatever the upstream sends after it (its real
+    answer, late) would be read by the next call on the connection as that
+    call's answer, so one caller would get another's. Never reuse those.
+    """
+    return status >= 200 and status not in (204, 304)
 
 
 def _aborted(call):
