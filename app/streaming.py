@@ -48,6 +48,19 @@ def split_lines(chunks, label, max_line=MAX_LINE):
         yield bytes(pending).rstrip(b"\r")
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_upstream(data):
+    """Decode an upstream's JSON; NaN and Infinity (not JSON) raise ValueError.
+
+    Passed on, they would reach callers in bodies that strict parsers
+    (JavaScript's JSON.parse) reject.
+    """
+    return json.loads(data, parse_constant=_no_constant)
+
+
 def sse_data(lines, label):
     """Yield the decoded JSON of each ``data:`` event; stop at ``[DONE]``."""
     for line in lines:
@@ -59,7 +72,7 @@ def sse_data(lines, label):
         if not payload:
             continue
         try:
-            yield json.loads(payload)
+            yield loads_upstream(payload)
         except ValueError:
             raise errors.UpstreamError(f"{label}: malformed event in upstream stream",
                                        reason="malformed-response") from None

@@ -443,6 +443,32 @@ def test_an_ollama_stream_line_nested_too_deep_to_parse_is_malformed(upstream, p
     assert caught.value.reason == "malformed-response"
 
 
+# NaN and Infinity are not JSON: passed on, they reach callers in bodies that
+# strict parsers (JavaScript's JSON.parse) reject.
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_an_answer_with_a_non_json_number_is_malformed(upstream, providers, constant):
+    body = ('{"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": '
+            '{"role": "assistant", "content": "hi"}, "finish_reason": "stop"}], '
+            f'"usage": {{"prompt_tokens": {constant}}}}}')
+    error = groq_answers(upstream, providers, status=200, body=body)
+    assert (type(error), error.reason) == (errors.UpstreamError, "malformed-response")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity"])
+def test_stream_events_with_a_non_json_number_are_malformed(upstream, providers, constant):
+    upstream.add("POST", GROQ + "/chat/completions", content_type="text/event-stream",
+                 body='data: {"choices": [{"index": 0, "delta": {"content": "hi"}, '
+                      f'"logprobs": {constant}, "finish_reason": null}}]}}\n\n')
+    with pytest.raises(errors.UpstreamError) as caught:
+        list(providers["groq"].stream_chat(request(stream=True), "llama-3.1-8b-instant"))
+    assert caught.value.reason == "malformed-response"
+    upstream.add("POST", OLLAMA + "/api/chat", content_type="application/x-ndjson",
+                 body='{"message": {"content": "hi"}, "eval_count": %s}\n' % constant)
+    with pytest.raises(errors.UpstreamError) as caught:
+        list(providers["ollama"].stream_chat(request(stream=True), "qwen2.5:7b"))
+    assert caught.value.reason == "malformed-response"
+
+
 def test_429_with_retry_after_seconds_is_rate_limited(upstream, providers):
     error = groq_answers(upstream, providers, status=429, headers={"Retry-After": "7"},
                          json={"error": {"message": "slow down"}})

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 from app import errors
 from app.providers.transport import Reply
+from app.streaming import loads_upstream
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class Provider:
                 f"{self.name}/{model}: answer has over {MAX_CONTAINERS} JSON objects and arrays",
                 reason="too-large")
         try:
-            return json.loads(reply.body)
+            return loads_upstream(reply.body)
         except ValueError:
             raise errors.UpstreamError(f"{self.name}/{model}: malformed JSON answer",
                                        reason="malformed-response") from None

@@ -10,7 +10,7 @@ import re
 
 from app import errors, shapes
 from app.providers.base import Provider
-from app.streaming import check_event, split_lines
+from app.streaming import check_event, loads_upstream, split_lines
 
 # Model families Ollama can run tool calls with (SPEC §4).
 TOOL_FAMILIES = ("llama3.1", "llama3.2", "llama3.3", "qwen2.5", "qwen3", "mistral",
@@ -149,7 +149,7 @@ class StreamTranslator(shapes.ChunkStream):
     def translate(self, line):
         """Return the chunks for one NDJSON line (possibly none)."""
         try:
-            event = json.loads(line)
+            event = loads_upstream(line)
         except ValueError:
             raise errors.UpstreamError(f"{self.label}: malformed stream line",
                                        reason="malformed-response") from None
