@@ -658,3 +658,28 @@ def test_redactor_leaves_ordinary_messages_alone(text):
                                   "upstream network-connectivity problem"])
 def test_redactor_leaves_hyphenated_words_alone(text):
     assert Redactor().redact(text) == text
+
+
+def _embeddings_by_batch(request):
+    """Answer each batch with one vector per input, whose value is the input itself."""
+    inputs = json.loads(request.body)["input"]
+    if request.path.endswith("/api/embed"):
+        return 200, {"Content-Type": "application/json"}, json.dumps(
+            {"embeddings": [[float(i)] for i in inputs], "prompt_eval_count": len(inputs)})
+    return 200, {"Content-Type": "application/json"}, json.dumps(
+        {"data": [{"index": n, "embedding": [float(i)]} for n, i in enumerate(inputs)],
+         "usage": {"prompt_tokens": len(inputs)}})
+
+
+@pytest.mark.parametrize("name, path, model", [("groq", GROQ + "/embeddings", "embed-m"),
+                                               ("ollama", OLLAMA + "/api/embed", "nomic")])
+def test_embeddings_go_upstream_in_batches_small_enough_for_the_answer_limit(
+        upstream, providers, name, path, model):
+    upstream.add("POST", path, callback=_embeddings_by_batch)
+    inputs = [str(i) for i in range(600)]
+    vectors, tokens = providers[name].embed(inputs, model, {})
+    sizes = [len(json.loads(call.request.body)["input"]) for call in upstream.calls
+             if call.request.path == path]
+    assert sizes == [256, 256, 88]
+    assert vectors == [[float(i)] for i in range(600)]  # in order across batches
+    assert tokens == 600

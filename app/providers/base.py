@@ -36,6 +36,16 @@ _MESSAGE_WINDOW = 4 * MESSAGE_LENGTH
 # three such answers at once. Real answers have far fewer: logprobs of 4,096
 # tokens with 20 alternatives each are about 180,000.
 MAX_CONTAINERS = 500_000
+# Inputs per upstream embeddings call: 256 vectors of 3,072 dimensions are
+# about 15 MB of JSON, so a request of the most inputs the gateway takes
+# (2,048) never meets the answer size limit and trips a healthy provider.
+EMBED_BATCH = 256
+
+
+def in_batches(items, size):
+    """Yield consecutive slices of ``items`` of at most ``size`` each."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 class Provider:
@@ -61,8 +71,20 @@ class Provider:
         """Return a generator of ``chat.completion.chunk`` dicts; close() closes upstream."""
         raise NotImplementedError
 
+    #: Inputs per upstream embeddings call.
+    embed_batch = EMBED_BATCH
+
     def embed(self, inputs, model, body, call=None):
-        """Return ``(vectors, prompt_tokens)`` for a list of strings."""
+        """Return ``(vectors, prompt_tokens)`` for a list of strings, a batch per call."""
+        vectors, tokens = [], 0
+        for batch in in_batches(inputs, self.embed_batch):
+            found, used = self.embed_one_batch(batch, model, body, call)
+            vectors.extend(found)
+            tokens += used
+        return vectors, tokens
+
+    def embed_one_batch(self, inputs, model, body, call):
+        """Return ``(vectors, prompt_tokens)`` of one upstream call."""
         raise NotImplementedError
 
     def list_models(self, timeout=None):

@@ -35,7 +35,6 @@ _SCHEMA_KEYS = frozenset((
     "minLength", "maxLength", "pattern", "minimum", "maximum", "default", "example",
     "propertyOrdering"))
 _TOOL_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
-_EMBED_BATCH = 100      # batchEmbedContents' limit per call
 _RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
 _MAX_MODEL_PAGES = 20   # a runaway nextPageToken must not loop forever
 
@@ -458,19 +457,17 @@ class GeminiProvider(Provider):
             finally:
                 stream.close()
 
-    def embed(self, inputs, model, body, call=None):
+    embed_batch = 100   # batchEmbedContents' limit per call
+
+    def embed_one_batch(self, inputs, model, body, call):
         label = f"{self.name}/{model}"
         dimensions = (body or {}).get("dimensions")
-        vectors = []
         with self.edge(label):
-            for start in range(0, len(inputs), _EMBED_BATCH):
-                batch = inputs[start:start + _EMBED_BATCH]
-                answer = self.send_json("POST", model_path(model, "batchEmbedContents"),
-                                        embed_body(batch, model, dimensions), call=call,
-                                        model=model)
-                vectors.extend(translate_embeddings(answer, len(batch), label))
-        # Gemini reports no token count for embeddings.
-        return vectors, 0
+            answer = self.send_json("POST", model_path(model, "batchEmbedContents"),
+                                    embed_body(inputs, model, dimensions), call=call,
+                                    model=model)
+            # Gemini reports no token count for embeddings.
+            return translate_embeddings(answer, len(inputs), label), 0
 
     def list_models(self, timeout=None):
         names, params = [], {"pageSize": 1000}

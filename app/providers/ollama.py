@@ -204,7 +204,7 @@ class OllamaProvider(Provider):
             finally:
                 stream.close()
 
-    def embed(self, inputs, model, body, call=None):
+    def embed_one_batch(self, inputs, model, body, call):
         label = f"{self.name}/{model}"
         with self.edge(label):
             answer = self.send_json("POST", "/api/embed", {"model": model, "input": inputs},

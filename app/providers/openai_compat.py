@@ -84,7 +84,7 @@ class OpenAICompatProvider(Provider):
             finally:
                 stream.close()
 
-    def embed(self, inputs, model, body, call=None):
+    def embed_one_batch(self, inputs, model, body, call):
         request = {"model": model, "input": inputs, "encoding_format": "float"}
         if body.get("dimensions") is not None:
             request["dimensions"] = body["dimensions"]
