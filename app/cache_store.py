@@ -151,7 +151,8 @@ drop(member)
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, 1000)) do
   drop(m)
 end
-redis.call('SET', prefix .. member, value, 'PX', math.max(1, expires - now))
+if expires <= now then return tonumber(redis.call('GET', total) or 0) or 0 end
+redis.call('SET', prefix .. member, value, 'PX', expires - now)
 redis.call('ZADD', index, expires, member)
 redis.call('HSET', sizes, member, #value)
 local bytes = redis.call('INCRBY', total, #value)

@@ -220,3 +220,20 @@ def test_open_cache_store_follows_the_board():
     assert open_cache_store({"SHARED_STATE_URL": "", "CACHE_MAX_BYTES": 1}, environ={}) is None
     found = open_cache_store({"SHARED_STATE_URL": "sqlite:///tmp/x", "CACHE_MAX_BYTES": 1})
     assert found.backend.path == "/tmp/x.cache"
+
+
+def test_every_redis_key_of_the_cache_has_a_ttl(redis_server):  # noqa: F811
+    import time
+
+    import redis
+
+    store = RedisCacheStore(redis_server.url, "ttl:", timeout=1.0)
+    now = time.time()
+    for i in range(5):
+        store.put(f"k{i}", b"v" * 10, now + 60 + i, 35)   # room for three
+    client = redis.Redis.from_url(redis_server.url)
+    keys = client.keys("ttl:*")
+    assert len(keys) == 3 + 3  # three entries, the index, the sizes and the total
+    assert all(0 < client.pttl(key) <= 125_000 for key in keys)
+    assert int(client.get("ttl:cache:bytes")) == 30
+    store.close()
