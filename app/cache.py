@@ -22,6 +22,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from app.routing.aliases import MAX_CACHE_TTL
+
 log = logging.getLogger(__name__)
 
 HEADER = "X-Mana-LLM-Cache"
@@ -31,7 +33,7 @@ EMBEDDING_IGNORED = frozenset({"model", "input", "encoding_format", "user"})
 # An answer that stopped for any other reason (``length``: truncated,
 # ``content_filter``: blocked) is never kept.
 COMPLETE = frozenset({"stop", "tool_calls", "function_call"})
-MAX_TTL = 30 * 86400
+MAX_TTL = MAX_CACHE_TTL  # a max-age beyond it is taken as it
 
 
 # --- what a request asks of the cache ---------------------------------------------------------

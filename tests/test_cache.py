@@ -78,7 +78,8 @@ def test_embeddings_key_ignores_encoding_and_a_lone_string_is_a_list():
 
 @pytest.mark.parametrize("body, message", [
     ({"cache_ttl": 0}, "cache_ttl"), ({"cache_ttl": "60"}, "cache_ttl"),
-    ({"cache_ttl": True}, "cache_ttl"), ({"cache_shared": "yes"}, "cache_shared")])
+    ({"cache_ttl": True}, "cache_ttl"),
+    ({"cache_ttl": 30 * 86400 + 1}, "cache_ttl"), ({"cache_shared": "yes"}, "cache_shared")])
 def test_alias_cache_fields_are_validated(body, message):
     with pytest.raises(AliasConfigError, match=message):
         parse_aliases({"aliases": {"mana/x": {"chain": ["ollama/m"], **body}}})

@@ -12,6 +12,7 @@ from app import errors
 from app.providers import KNOWN_PROVIDERS
 
 MAX_MODEL_LENGTH = 256
+MAX_CACHE_TTL = 30 * 86400
 
 
 class AliasConfigError(ValueError):
@@ -102,9 +103,10 @@ def _check_alias(name, body):
 def _check_cache(name, body):
     """Return ``(cache_ttl, cache_shared)`` of an alias body."""
     ttl = body.get("cache_ttl")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)
+                            or not 0 < ttl <= MAX_CACHE_TTL):
         raise AliasConfigError(f"alias {name!r}: cache_ttl must be a whole number of "
-                               "seconds > 0")
+                               f"seconds from 1 to {MAX_CACHE_TTL} (30 days)")
     shared = body.get("cache_shared", False)
     if not isinstance(shared, bool):
         raise AliasConfigError(f"alias {name!r}: cache_shared must be true or false")
