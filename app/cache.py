@@ -270,19 +270,14 @@ class ResponseCache:
 
     def _find(self, plan):
         now = self._wall()
-        raw = self.local.get(plan.key, now)
-        shared = raw is None and self.store is not None
-        if shared:
+        entry = _fresh(self.local.get(plan.key, now), plan, now)
+        if entry is None and self.store is not None:
             self.store.reconnect()
             raw = self.store.cache_get(plan.key)
-        if raw is None:
-            return None
-        entry = Entry.decode(raw)
-        if entry is None or entry.expires <= now:
-            return None
-        if shared:  # the next lookup of this worker needs no board round trip
-            self.local.put(plan.key, raw, entry.expires)
-        return entry if entry.age(now) <= plan.max_age else None
+            entry = _fresh(raw, plan, now)
+            if entry is not None:  # the next lookup of this worker needs no board round trip
+                self.local.put(plan.key, raw, entry.expires)
+        return entry
 
     def keep(self, plan, kind, data, resolved, usage):
         """Keep a fresh answer for ``plan.ttl`` seconds; return whether it was kept."""
@@ -334,3 +329,11 @@ def _count(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
         return 0
     return value
+
+
+def _fresh(raw, plan, now):
+    """Return the Entry ``raw`` holds if it has not expired and is young enough for ``plan``."""
+    entry = Entry.decode(raw) if raw is not None else None
+    if entry is None or entry.expires <= now or entry.age(now) > plan.max_age:
+        return None
+    return entry

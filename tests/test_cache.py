@@ -238,3 +238,34 @@ def test_every_redis_key_of_the_cache_has_a_ttl(redis_server):  # noqa: F811
     assert all(0 < client.pttl(key) <= 125_000 for key in keys)
     assert int(client.get("ttl:cache:bytes")) == 30
     store.close()
+
+
+class FakeStore:
+    name = "fake"
+
+    def __init__(self):
+        self.entries = {}
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, key, raw, expires, max_bytes):
+        self.entries[key] = raw
+        return sum(map(len, self.entries.values()))
+
+    def check(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_worker_asks_the_board_when_its_own_entry_is_too_old_for_the_caller():
+    clock, board = Clock(), GuardedBoard(FakeStore())
+    mine = ResponseCache(CONFIG, board, wall=clock)
+    theirs = ResponseCache(CONFIG, board, wall=clock)
+    mine.keep(chat(), "answer", {"v": "old"}, "ollama/m", {})
+    clock.now += 100
+    theirs.keep(chat(header="no-cache"), "answer", {"v": "new"}, "ollama/m", {})
+    assert mine.lookup(chat()).data == {"v": "old"}          # its own, still within the TTL
+    assert mine.lookup(chat(header="max-age=10")).data == {"v": "new"}  # the board's
