@@ -2,11 +2,12 @@
 
 A request is looked up by a key: the SHA-256 of a canonical JSON of the
 normalised request (the endpoint, the model string as the caller asked
-it, every body field that changes the answer, the shape of the answer -
-plain or streamed - and the caller's name unless the alias shares its
-entries). ``stream_options`` and ``user`` do not change the answer and
-are left out; a streamed and a plain request are kept apart, so a
-streamed hit replays exactly the chunks a live stream sent.
+it, every body field that changes the answer, and the caller's name
+unless the alias shares its entries). ``stream``, ``stream_options`` and
+``user`` do not change the answer and are left out: a kept stream is
+replayed chunk for chunk to a streamed request and added up into one
+answer for a plain one; a kept plain answer is cut into chunks for a
+streamed request.
 
 Answers are kept in a bounded LRU of each worker's own, in front of a
 store on the shared board (``app.cache_store``: a SQLite file of the
@@ -22,12 +23,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from app import shapes
 from app.routing.aliases import MAX_CACHE_TTL
 
 log = logging.getLogger(__name__)
 
 HEADER = "X-Mana-LLM-Cache"
-# Body fields that never change the answer (nor its shape).
+# Body fields that never change the answer.
 IGNORED = frozenset({"model", "stream", "stream_options", "user"})
 EMBEDDING_IGNORED = frozenset({"model", "input", "encoding_format", "user"})
 # An answer that stopped for any other reason (``length``: truncated,
@@ -88,10 +90,9 @@ def _canonical(value):
     return _number(value)
 
 
-def request_key(endpoint, asked, fields, caller, shape):
+def request_key(endpoint, asked, fields, caller):
     """Return the SHA-256 (hex) of the canonical JSON of a normalised request."""
-    doc = {"endpoint": endpoint, "model": asked, "caller": caller, "shape": shape,
-           "body": _canonical(fields)}
+    doc = {"endpoint": endpoint, "model": asked, "caller": caller, "body": _canonical(fields)}
     raw = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(raw.encode("ascii")).hexdigest()
 
@@ -112,8 +113,7 @@ def plan_chat(body, route, aliases, caller, header):
         return BYPASS
     scope = None if getattr(alias, "cache_shared", False) else caller
     fields = {k: v for k, v in body.items() if k not in IGNORED}
-    shape = "stream" if body.get("stream") else "json"
-    return Plan(request_key("chat", route.asked, fields, scope, shape), ttl,
+    return Plan(request_key("chat", route.asked, fields, scope), ttl,
                 ttl if max_age is None else max_age, "no-cache" not in directives)
 
 
@@ -127,7 +127,7 @@ def plan_embeddings(body, inputs, route, aliases, caller, header, ttl):
     fields = {k: v for k, v in body.items() if k not in EMBEDDING_IGNORED}
     fields["input"] = list(inputs)
     # Float vectors are kept; each request gets its own encoding.
-    return Plan(request_key("embeddings", route.asked, fields, scope, "vectors"), ttl,
+    return Plan(request_key("embeddings", route.asked, fields, scope), ttl,
                 ttl if max_age is None else max_age, "no-cache" not in directives)
 
 
@@ -337,3 +337,53 @@ def _fresh(raw, plan, now):
     if entry is None or entry.expires <= now or entry.age(now) > plan.max_age:
         return None
     return entry
+
+
+# --- one answer, two shapes -------------------------------------------------------------------
+
+def as_chunks(answer):
+    """Return the chunks a stream of a kept plain answer sends (role, content, tools, end)."""
+    rid, created, model = answer.get("id"), answer.get("created", 0), answer.get("model", "")
+    choice = answer["choices"][0]
+    message = choice.get("message") or {}
+    out = [shapes.chunk(rid, created, model, {"role": "assistant", "content": ""})]
+    if message.get("content"):
+        out.append(shapes.chunk(rid, created, model, {"content": message["content"]}))
+    calls = message.get("tool_calls") or []
+    if calls:
+        out.append(shapes.chunk(rid, created, model, {
+            "tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}))
+    out.append(shapes.chunk(rid, created, model, {}, choice.get("finish_reason")))
+    if answer.get("usage"):
+        out.append(shapes.usage_chunk(rid, created, model, answer["usage"]))
+    return out
+
+
+def as_answer(chunks):
+    """Return the plain answer a kept stream adds up to."""
+    content, calls, finish, usage = [], {}, None, None
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            content.append(delta.get("content") or "")
+            for call in delta.get("tool_calls") or ():
+                _add_call(calls, call)
+            finish = choice.get("finish_reason") or finish
+    message = {"role": "assistant", "content": "".join(content) or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    first = chunks[0]
+    body = shapes.completion(first.get("model", ""), message, finish, usage, first.get("id"))
+    body["created"] = first.get("created", body["created"])
+    return body
+
+
+def _add_call(calls, delta):
+    """Add one streamed tool call delta to the calls assembled so far (by index)."""
+    call = calls.setdefault(delta.get("index", 0), {
+        "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+    call["id"] = delta.get("id") or call["id"]
+    function = delta.get("function") or {}
+    call["function"]["name"] += function.get("name") or ""
+    call["function"]["arguments"] += function.get("arguments") or ""

@@ -2,8 +2,8 @@
 
 import pytest
 
-from app.cache import (BYPASS, Entry, ResponseCache, StreamTape, WorkerLRU, cache_control,
-                       complete_answer, plan_chat, plan_embeddings)
+from app.cache import (BYPASS, Entry, ResponseCache, StreamTape, WorkerLRU, as_answer,
+                       as_chunks, cache_control, complete_answer, plan_chat, plan_embeddings)
 from app.cache_store import RedisCacheStore, SqliteCacheStore, open_cache_store
 from app.routing.aliases import parse_aliases, resolve_chain, AliasConfigError
 from app.routing.board import BoardUnavailable, GuardedBoard
@@ -29,6 +29,7 @@ def chat(model="mana/structured", caller="api", header=None, **body):
 
 def test_same_request_same_key_whatever_is_left_out():
     assert chat().key == chat(user="u1", stream_options={"include_usage": True}).key
+    assert chat().key == chat(stream=True).key  # one answer, served in either shape
     assert chat(temperature=0).key == chat(temperature=0.0).key
 
 
@@ -36,7 +37,7 @@ def test_same_request_same_key_whatever_is_left_out():
                                     {"tools": [{"type": "function",
                                                 "function": {"name": "f"}}]},
                                     {"response_format": {"type": "json_object"}},
-                                    {"stream": True}, {"messages": USER * 2}])
+                                    {"messages": USER * 2}])
 def test_every_field_that_changes_the_answer_changes_the_key(change):
     assert chat(**change).key != chat().key
 
@@ -269,3 +270,36 @@ def test_a_worker_asks_the_board_when_its_own_entry_is_too_old_for_the_caller():
     theirs.keep(chat(header="no-cache"), "answer", {"v": "new"}, "ollama/m", {})
     assert mine.lookup(chat()).data == {"v": "old"}          # its own, still within the TTL
     assert mine.lookup(chat(header="max-age=10")).data == {"v": "new"}  # the board's
+
+
+TOOL_ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",
+               "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None,
+                            "message": {"role": "assistant", "content": None, "tool_calls": [
+                                {"id": "call_1", "type": "function",
+                                 "function": {"name": "get_weather",
+                                              "arguments": '{"city": "Paris"}'}}]}}],
+               "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+TEXT_ANSWER = {**TOOL_ANSWER, "choices": [{"index": 0, "finish_reason": "stop",
+                                           "logprobs": None,
+                                           "message": {"role": "assistant",
+                                                       "content": "Hello there"}}]}
+
+
+@pytest.mark.parametrize("answer", [TOOL_ANSWER, TEXT_ANSWER], ids=["tool-call", "text"])
+def test_a_kept_answer_round_trips_through_chunks(answer):
+    assert as_answer(as_chunks(answer)) == answer
+
+
+def test_streamed_tool_call_deltas_add_up_to_one_call():
+    chunks = [{"id": "c", "created": 1, "model": "m", "choices": [{"delta": {"tool_calls": [
+        {"index": 0, "id": "call_9", "type": "function",
+         "function": {"name": "f", "arguments": ""}}]}}]},
+              {"choices": [{"delta": {"tool_calls": [
+                  {"index": 0, "function": {"arguments": '{"a": '}}]}}]},
+              {"choices": [{"delta": {"tool_calls": [
+                  {"index": 0, "function": {"arguments": "1}"}}]}}]},
+              {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]}]
+    answer = as_answer(chunks)
+    assert answer["choices"][0]["message"]["tool_calls"] == [
+        {"id": "call_9", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]
+    assert answer["choices"][0]["finish_reason"] == "tool_calls" and answer["id"] == "c"

@@ -7,6 +7,7 @@ instances on one Redis. Which worker answered comes from the
 """
 
 import base64
+import json
 import struct
 
 import pytest
@@ -158,11 +159,33 @@ def test_a_streamed_hit_parses_exactly_like_the_original(gw, tools, include_usag
     assert any(c.get("usage") for c in live) is include_usage
 
 
-def test_a_plain_and_a_streamed_request_are_kept_apart(gw):
-    assert chat(gw, "shape").headers["X-Mana-LLM-Cache"] == "miss"
-    streamed = chat(gw, "shape", stream=True)
-    assert streamed.headers["X-Mana-LLM-Cache"] == "miss"
-    assert streamed.text.endswith("data: [DONE]\n\n")
+def test_a_kept_stream_answers_a_plain_request_and_a_kept_answer_a_stream(gw):
+    client = sdk(gw)
+    ask = {"model": "mana/structured", "tools": [WEATHER_TOOL],
+           "messages": [{"role": "user", "content": "either shape"}]}
+    raw = client.chat.completions.with_raw_response.create(stream=True, **ask)
+    streamed = list(raw.parse())
+    plain = client.chat.completions.with_raw_response.create(**ask)
+    assert (raw.headers["X-Mana-LLM-Cache"], plain.headers["X-Mana-LLM-Cache"]) == \
+        ("miss", "hit")
+    message = plain.parse().choices[0].message
+    first = streamed[0].choices[0].delta.tool_calls[0]
+    assert message.tool_calls[0].id == first.id and \
+        message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    assert plain.parse().choices[0].finish_reason == "tool_calls"
+
+    text_ask = {"model": "mana/structured",
+                "messages": [{"role": "user", "content": "plain first"}]}
+    live = client.chat.completions.create(**text_ask)
+    raw = client.chat.completions.with_raw_response.create(
+        stream=True, stream_options={"include_usage": True}, **text_ask)
+    assert raw.headers["X-Mana-LLM-Cache"] == "hit"
+    chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == live.choices[0].message.content and chunks[0].id == live.id
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.model_dump() == live.usage.model_dump()
     assert ollama_calls(gw) == 2
 
 

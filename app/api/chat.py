@@ -7,7 +7,7 @@ import time
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from app import errors
-from app.cache import HEADER, complete_answer, plan_chat
+from app.cache import HEADER, as_answer, as_chunks, complete_answer, plan_chat
 from app.streaming import DONE, error_event, prime, sse_event
 from app.validation import chat_request, parse_json_body
 
@@ -116,13 +116,15 @@ def _frame(stream, include_usage, tape=None):
 
 
 def _replay(gateway, entry, body):
-    """Answer with a kept entry: its body, or its chunks framed as a live stream would be."""
+    """Answer with a kept entry, in the shape this request asks for (plain or SSE)."""
     headers = hit_headers(gateway, entry)
-    if entry.kind == "answer":
-        return Response(json.dumps(entry.data, separators=(",", ":")),
+    if not body.get("stream"):
+        answer = entry.data if entry.kind == "answer" else as_answer(entry.data)
+        return Response(json.dumps(answer, separators=(",", ":")),
                         mimetype="application/json", headers=headers)
+    chunks = entry.data if entry.kind == "chunks" else as_chunks(entry.data)
     include_usage = _include_usage(body)
-    events = (sse_event(c) for c in entry.data if _visible(c, include_usage) is not None)
+    events = (sse_event(c) for c in chunks if _visible(c, include_usage) is not None)
     return Response(_then_done(events), mimetype="text/event-stream",
                     headers={**headers, **STREAM_HEADERS})
 
