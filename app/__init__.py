@@ -16,6 +16,8 @@ from flask import Flask
 
 from app import config as config_module
 from app.auth import install_auth
+from app.cache import ResponseCache
+from app.cache_store import open_cache_store
 from app.callers import caller_table
 from app.cors import install_cors
 from app.errors import register_error_handlers
@@ -48,6 +50,7 @@ class Gateway:
     walker: ChainWalker
     recorder: Recorder
     redactor: Redactor
+    cache: ResponseCache = None
 
     def route(self, model):
         """Return the Route for a request's model string (the default when it is empty)."""
@@ -66,6 +69,8 @@ class Gateway:
         self.health.stop()
         for provider in self.providers.values():
             provider.close()
+        if self.cache is not None and self.cache.store is not None:
+            self.cache.store.close()
 
 
 # Set by gunicorn's master: the configuration and alias table it last accepted.
@@ -123,8 +128,9 @@ def build_gateway(config, table):
     if board is not None:
         board.subscribe(recorder.shared_state_up)
     walker = ChainWalker(providers, health, inflight, recorder)
+    cache = ResponseCache(config, open_cache_store(config), recorder)
     return Gateway(config, providers, configured, table, health, prober, walker, recorder,
-                   redactor)
+                   redactor, cache)
 
 
 def _known_labels(table):

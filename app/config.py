@@ -32,6 +32,11 @@ _INTS = {
     "MAX_BODY_BYTES": 20 * 1024 * 1024,
     "GUNICORN_THREADS": 384,
     "METRICS_LABEL_CAP": 50,
+    # Response cache: the board's store, each worker's LRU, one entry; embeddings' TTL (s).
+    "CACHE_MAX_BYTES": 256 * 1024 * 1024,
+    "CACHE_WORKER_BYTES": 32 * 1024 * 1024,
+    "CACHE_MAX_ENTRY_BYTES": 1024 * 1024,
+    "CACHE_EMBEDDINGS_TTL": 86400,
 }
 _STRINGS = {
     "LOG_LEVEL": "info",

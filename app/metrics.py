@@ -147,6 +147,19 @@ class Recorder:
     def quota_rejected(self, caller, limit):
         QUOTA_REJECTIONS.labels(caller, limit).inc()
 
+    def cache_result(self, result):
+        self._child(CACHE_REQUESTS, result).inc()
+
+    def cache_bytes(self, store, size):
+        self._child(CACHE_BYTES, store).set(size)
+
+    def cache_saved(self, provider, prompt, completion, cost):
+        """Count what a hit saved: the original answer's tokens and their price."""
+        for kind, count in (("prompt", prompt), ("completion", completion)):
+            if count:
+                self._child(CACHE_SAVED_TOKENS, provider, kind).inc(count)
+        self._child(CACHE_SAVED_COST, provider).inc(cost)
+
 
 def render():
     """Return ``(body, content_type)`` of the exposition, aggregated over workers."""
@@ -172,3 +185,18 @@ COST = Counter("mana_llm_cost_usd", "What callers' calls cost, from prices.yaml 
 QUOTA_REJECTIONS = Counter("mana_llm_quota_rejections_total",
                            "Requests refused because a caller was over a limit",
                            ["caller", "limit"])
+
+# Response cache (labels are fixed sets, or providers).
+CACHE_REQUESTS = Counter("mana_llm_cache_requests_total",
+                         "Cacheable requests by what the cache did (hit, miss, bypass, "
+                         "store_error)", ["result"])
+# livemax: store="worker" is the fullest worker's LRU, store="board" the
+# board's own total as the last worker to write it saw it.
+CACHE_BYTES = Gauge("mana_llm_cache_bytes", "Bytes of cached answers, per store",
+                    ["store"], multiprocess_mode="livemax")
+CACHE_SAVED_TOKENS = Counter("mana_llm_cache_saved_tokens_total",
+                             "Tokens of the original answers that cache hits served again",
+                             ["provider", "type"])
+CACHE_SAVED_COST = Counter("mana_llm_cache_saved_usd",
+                           "What cache hits would have cost upstream, from prices.yaml (USD)",
+                           ["provider"])

@@ -39,6 +39,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 MODEL = "openai/gpt-4o-mini"        # served by the plain upstream (nginx in full mode)
 ALIAS = "mana/bench"                # chain: [MODEL]
+CACHED = "mana/bench-cached"        # chain: [MODEL], cache_ttl: every request after the first hits
 STREAM_MODEL = "groq/gpt-4o-mini"   # served by bench/upstream.py, which can stream slowly
 
 
@@ -161,6 +162,8 @@ def write_aliases(workdir):
     with open(path, "w") as handle:
         handle.write(f'aliases:\n  {ALIAS}:\n    description: "benchmark"\n'
                      f"    chain:\n      - {MODEL}\n"
+                     f'  {CACHED}:\n    description: "benchmark, cached"\n'
+                     f"    cache_ttl: 3600\n    chain:\n      - {MODEL}\n"
                      f"default: {ALIAS}\n")
     return path
 
@@ -200,6 +203,7 @@ def start_gateway(procs, env):
 
 
 PASSTHROUGH = "bare Flask passthrough (2x16)"
+HITS = f"gateway, cache hits ({CACHED})"
 PORTKEY = "Portkey OSS gateway (Node, 1 process)"
 
 
@@ -247,7 +251,7 @@ def _answers(url):
 
 def smoke_gateway(url):
     """Send one plain and one streamed request through the gateway; raise if either fails."""
-    for model in (MODEL, ALIAS, STREAM_MODEL):
+    for model in (MODEL, ALIAS, CACHED, STREAM_MODEL):
         response = requests.post(url + clients.CHAT_PATH, json=clients.chat_body(model),
                                  timeout=10)
         if response.status_code != 200:
@@ -381,7 +385,28 @@ def targets_of(rows, direct_fb, gateway_fb, many):
         ("RSS while they are open", f"{many.rss_peak_mib:.1f} MiB", "< 300 MiB",
          many.rss_peak_mib < 300),
     ]
-    return figures + against_passthrough(rows, at)
+    return figures + against_passthrough(rows, at) + cache_hits(rows)
+
+
+def cache_hits(rows):
+    """Return the cache hit path's figures beside the passthrough's of the same run.
+
+    The targets: a hit adds at most the passthrough's p50 at 1 client, and
+    serves at least 2 x the passthrough's RPS at 64 connections.
+    """
+    base = {r.conns: r for r in rows if r.path == PASSTHROUGH}
+    hits = {r.conns: r for r in rows if r.path == HITS}
+    figures = []
+    if 1 in base and 1 in hits:
+        figures.append(("cache hit: added p50 at 1 client vs the passthrough's (same run)",
+                        f"{hits[1].added_p50:.2f} vs {base[1].added_p50:.2f} ms",
+                        "<= the passthrough's", hits[1].added_p50 <= base[1].added_p50))
+    if 64 in base and 64 in hits:
+        ratio = hits[64].stats.rps / base[64].stats.rps if base[64].stats.rps else 0.0
+        figures.append(("cache hit: RPS at 64 clients vs the passthrough (same run)",
+                        f"{hits[64].stats.rps:,.0f} vs {base[64].stats.rps:,.0f} "
+                        f"({ratio:.2f} x)", ">= 2 x", ratio >= 2))
+    return figures
 
 
 def against_passthrough(rows, at):
@@ -450,7 +475,9 @@ def settings_lines(profile, args):
         f"(the config's default), LOG_LEVEL={args.log_level}"
         + (" (the per-request access line is info, so it is not written here)"
            if args.log_level in ("warning", "error", "critical") else ""),
-        f"requests: model `{MODEL}` (direct) and `{ALIAS}` (alias whose chain is `{MODEL}`); "
+        f"requests: model `{MODEL}` (direct), `{ALIAS}` (alias whose chain is `{MODEL}`) and "
+        f"`{CACHED}` (the same alias with cache_ttl: after the first, every request is a "
+        "cache hit); "
         f"streams: `{STREAM_MODEL}` from bench/upstream.py (Python, own process)",
         "server CPU ms/req: utime+stime of the server's process tree (/proc) over the run, "
         "divided by the requests the client counted; RSS: summed VmRSS after the run",
@@ -483,7 +510,8 @@ def run(profile, args, procs, workdir):
         targets.append(Target(PASSTHROUGH, passthrough[0].pid, passthrough[1], MODEL))
         targets += start_portkey(args, procs, plain_url, peers)
     targets += [Target("gateway, direct model", gateway[0].pid, gateway[1], MODEL),
-                Target(f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS)]
+                Target(f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS),
+                Target(HITS, gateway[0].pid, gateway[1], CACHED)]
     print("plain requests:", flush=True)
     rows = plain_rows(profile, targets, plain_url)
     profiled = profile_gateway(profile, gateway) if args.profile else None

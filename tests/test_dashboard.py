@@ -58,6 +58,13 @@ CALLER_METRICS = {
     "mana_llm_cost_usd_total": ("counter", ("caller", "provider")),
     "mana_llm_quota_rejections_total": ("counter", ("caller", "limit")),
 }
+# The response cache: in the README table and the "Cache" row.
+CACHE_METRICS = {
+    "mana_llm_cache_requests_total": ("counter", ("result",)),
+    "mana_llm_cache_bytes": ("gauge", ("store",)),
+    "mana_llm_cache_saved_tokens_total": ("counter", ("provider", "type")),
+    "mana_llm_cache_saved_usd_total": ("counter", ("provider",)),
+}
 
 METRIC_RE = re.compile(r"mana_llm_[a-z_]+")
 STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -225,7 +232,8 @@ def variable_query(variable):
 
 
 def test_metrics_module_matches_spec_table():
-    assert defined_metrics() == {**SPEC_METRICS, **BOARD_METRICS, **CALLER_METRICS}
+    assert defined_metrics() == {**SPEC_METRICS, **BOARD_METRICS, **CALLER_METRICS,
+                                 **CACHE_METRICS}
 
 
 def test_provider_health_gauge_is_livemin():
@@ -324,7 +332,8 @@ def test_alert_rules_pass_promtool(dashboards_md, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("table", [SPEC_METRICS, CALLER_METRICS], ids=["spec", "callers"])
+@pytest.mark.parametrize("table", [SPEC_METRICS, CALLER_METRICS, CACHE_METRICS],
+                         ids=["spec", "callers", "cache"])
 def test_every_spec_metric_is_on_the_dashboard(dashboard, table):
     used = set()
     for _, expr in panel_exprs(dashboard):
@@ -340,6 +349,13 @@ def test_callers_row_is_on_the_dashboard(dashboard):
     exprs = " ".join(expr for _, expr in panel_exprs(dashboard))
     assert "sum by (caller, provider) (rate(mana_llm_cost_usd_total" in exprs
     assert 'mana_llm_fallback_total{from_model=~"ollama/.*"' in exprs
+
+
+def test_cache_row_is_on_the_dashboard(dashboard):
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert "Cache" in rows
+    exprs = " ".join(expr for _, expr in panel_exprs(dashboard))
+    assert 'mana_llm_cache_requests_total{result="hit"}' in exprs
 
 
 def test_required_panels(dashboard):
@@ -470,7 +486,7 @@ def test_metrics_md_table_matches_spec(metrics_md):
         if cells[0].startswith("`mana_llm_"):
             labels = tuple(re.findall(r"[a-z_]+", cells[2].split("(")[0]))
             rows[cells[0].strip("`")] = (cells[1], labels)
-    assert rows == {**SPEC_METRICS, **CALLER_METRICS}
+    assert rows == {**SPEC_METRICS, **CALLER_METRICS, **CACHE_METRICS}
 
 
 @pytest.mark.parametrize("path", DOC_PATHS, ids=lambda path: os.path.relpath(path, REPO))

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from flask import Blueprint, current_app, g, jsonify, request
 
 from app import errors
+from app.api.chat import hit_headers
+from app.cache import HEADER, plan_embeddings
 from app.validation import embeddings_request, parse_json_body
 
 bp = Blueprint("models", __name__)
@@ -75,7 +77,15 @@ def embeddings():
     body = parse_json_body(request)
     inputs, encoding = embeddings_request(body)
     route = gateway.route(body.get("model"))
-    g.caller.admit(route.asked)  # its models and quotas, before any upstream call
+    g.caller.admit(route.asked)  # its models and quotas, before any upstream call (or hit)
+    plan = plan_embeddings(body, inputs, route, gateway.aliases, g.caller.name,
+                           request.headers.get("Cache-Control"), gateway.cache.embeddings_ttl)
+    hit = gateway.cache.lookup(plan)
+    if hit is not None:
+        response = _vectors(hit.data["vectors"], hit.data["prompt_tokens"], hit.resolved,
+                            encoding)
+        response.headers.update(hit_headers(gateway, hit))
+        return response
     # Vectors from two models do not mix: never fall back to a different model.
     first = route.entries[0].model
     route = dataclasses.replace(route, entries=tuple(e for e in route.entries
@@ -85,12 +95,21 @@ def embeddings():
     vectors, prompt_tokens = outcome.result
     gateway.recorder.tokens(outcome.entry, {"prompt_tokens": prompt_tokens}, g.caller)
     g.resolved = outcome.entry.label
-    response = jsonify({
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    gateway.cache.keep(plan, "vectors", {"vectors": vectors, "prompt_tokens": prompt_tokens},
+                       outcome.entry.label, usage)
+    response = _vectors(vectors, prompt_tokens, outcome.entry.label, encoding)
+    response.headers["X-Mana-LLM-Resolved"] = outcome.entry.label
+    response.headers[HEADER] = plan.result
+    return response
+
+
+def _vectors(vectors, prompt_tokens, label, encoding):
+    """Return the embeddings response for float vectors, in the encoding asked for."""
+    return jsonify({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": _encode(v, encoding)}
                  for i, v in enumerate(vectors)],
-        "model": outcome.entry.label,
+        "model": label,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     })
-    response.headers["X-Mana-LLM-Resolved"] = outcome.entry.label
-    return response

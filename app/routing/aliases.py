@@ -12,6 +12,7 @@ from app import errors
 from app.providers import KNOWN_PROVIDERS
 
 MAX_MODEL_LENGTH = 256
+MAX_CACHE_TTL = 30 * 86400
 
 
 class AliasConfigError(ValueError):
@@ -35,6 +36,8 @@ class Alias:
     name: str
     description: str
     chain: tuple
+    cache_ttl: int = None       # seconds its answers are cached (None: not cached)
+    cache_shared: bool = False  # callers share its cache entries
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,17 @@ class AliasTable:
 
     def to_doc(self):
         """Return the file's content as plain data (for the reload snapshot)."""
-        return {"aliases": {a.name: {"description": a.description,
-                                     "chain": [e.label for e in a.chain]}
-                            for a in self.aliases.values()},
+        return {"aliases": {a.name: _alias_doc(a) for a in self.aliases.values()},
                 "default": self.default}
+
+
+def _alias_doc(alias):
+    doc = {"description": alias.description, "chain": [e.label for e in alias.chain]}
+    if alias.cache_ttl is not None:
+        doc["cache_ttl"] = alias.cache_ttl
+    if alias.cache_shared:
+        doc["cache_shared"] = True
+    return doc
 
 
 def split_entry(text):
@@ -86,7 +96,21 @@ def _check_alias(name, body):
         raise AliasConfigError(f"alias {name!r}: chain must be a non-empty list")
     for item in chain:
         _check_entry(name, item)
-    return Alias(name, description, tuple(split_entry(i.strip()) for i in chain))
+    return Alias(name, description, tuple(split_entry(i.strip()) for i in chain),
+                 *_check_cache(name, body))
+
+
+def _check_cache(name, body):
+    """Return ``(cache_ttl, cache_shared)`` of an alias body."""
+    ttl = body.get("cache_ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)
+                            or not 0 < ttl <= MAX_CACHE_TTL):
+        raise AliasConfigError(f"alias {name!r}: cache_ttl must be a whole number of "
+                               f"seconds from 1 to {MAX_CACHE_TTL} (30 days)")
+    shared = body.get("cache_shared", False)
+    if not isinstance(shared, bool):
+        raise AliasConfigError(f"alias {name!r}: cache_shared must be true or false")
+    return ttl, shared
 
 
 def _check_entry(name, item):

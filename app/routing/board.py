@@ -232,6 +232,14 @@ class GuardedBoard:
         """Add to counters atomically; return ``{key: value}``, or None if unavailable."""
         return self._attempt(self.backend.add, counts)
 
+    def cache_get(self, key):
+        """Return a response cache entry (bytes), or None if absent or unavailable."""
+        return self._attempt(self.backend.get, key)
+
+    def cache_put(self, key, raw, expires, max_bytes):
+        """Keep a response cache entry; return the store's bytes, or None if unavailable."""
+        return self._attempt(self.backend.put, key, raw, expires, max_bytes)
+
     def reconnect(self):
         """Try a down board again if its retry is due; return whether it is up."""
         with self._lock:
