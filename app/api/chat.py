@@ -34,6 +34,15 @@ def answer_headers(outcome):
             "Server-Timing": server_timing(g.started, outcome.upstream_seconds)}
 
 
+def capable(provider, body, model):
+    """Tell whether ``model`` of ``provider`` can take ``body`` (tools, say), before any call."""
+    try:
+        provider.check_capabilities(body, model)
+    except errors.CapabilityError:
+        return False
+    return True
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions():
     gateway = current_app.extensions["mana_llm"]
@@ -42,7 +51,8 @@ def chat_completions():
     if body.get("stream"):
         return _stream(gateway, body, route)
     outcome = gateway.walker.walk(
-        route, lambda provider, entry, call: provider.chat(body, entry.model, call))
+        route, lambda provider, entry, call: provider.chat(body, entry.model, call),
+        can_serve=lambda provider, model: capable(provider, body, model))
     answer = outcome.result
     gateway.recorder.tokens(outcome.entry, answer.get("usage"))
     return Response(json.dumps(answer, separators=(",", ":")), mimetype="application/json",
@@ -53,7 +63,8 @@ def _stream(gateway, body, route):
     # The caller's socket (gunicorn's): a stream whose caller left is closed at once.
     outcome = gateway.walker.walk(
         route, lambda provider, entry, call: prime(provider.stream_chat(body, entry.model, call)),
-        streaming=True, caller=request.environ.get("gunicorn.socket"))
+        streaming=True, caller=request.environ.get("gunicorn.socket"),
+        can_serve=lambda provider, model: capable(provider, body, model))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     # The request context stays with the stream, so its log lines keep the request id.
     events = stream_with_context(_frame(outcome.result, include_usage))
