@@ -1,6 +1,7 @@
 """Capacity caps (SPEC §13): slots as leases on every board backend, the per-worker share
 without a board, and what the chain walk does at the cap."""
 
+import gc
 import threading
 import time
 
@@ -413,4 +414,16 @@ def test_a_stream_closed_early_gives_its_slot_back(capped):
     stream = capped.walk("ollama", ask=lambda p, e, c: prime(chunks()), streaming=True).result
     next(iter(stream))
     stream.close()
+    assert capped.inflight() == 0
+
+
+def test_a_stream_dropped_unread_gives_its_slot_back(capped):
+    def chunks():
+        while True:
+            yield {"choices": [{"delta": {"content": "hi"}}]}
+
+    outcome = capped.walk("ollama", ask=lambda p, e, c: prime(chunks()), streaming=True)
+    assert capped.inflight() == 1
+    del outcome   # e.g. an after-request hook failed: the response is never iterated
+    gc.collect()
     assert capped.inflight() == 0

@@ -11,6 +11,7 @@ edge, so anything else is a bug of ours, which reaches the caller as a
 
 import functools
 import time
+import weakref
 from dataclasses import dataclass
 
 from app import errors
@@ -179,8 +180,13 @@ class ChainWalker:
             self._inflight.watch(call, caller)
             done.append(functools.partial(self._inflight.unwatch, call))
         settle = functools.partial(self._settle_stream, entry, asked)
-        return CommittedStream(primed, entry, settle, self._recorder,
-                               functools.partial(_run_all, done))
+        stream = CommittedStream(primed, entry, settle, self._recorder,
+                                 functools.partial(_run_all, done))
+        if slot is not _NO_SLOT:
+            # A stream dropped unread (its response never iterated, so never
+            # closed) still gives its slot back; a second release is ignored.
+            weakref.finalize(stream, self._release, slot)
+        return stream
 
     def _release(self, slot):
         if slot is not _NO_SLOT:
