@@ -46,7 +46,7 @@ class Gateway:
     walker: ChainWalker
     recorder: Recorder
     redactor: Redactor
-    capacity: Capacity = None   # the capped providers' slots
+    capacity: Capacity      # slots of the capped providers; counts calls in flight
 
     def route(self, model):
         """Return the Route for a request's model string (the default when it is empty)."""
