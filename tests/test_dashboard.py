@@ -1,15 +1,17 @@
 """Static checks of the Grafana dashboard, the metrics docs and .env.example against the code.
 
 The metric names, types and labels are an interface (SPEC §10): the
-dashboard (``dashboards/mana-llm.json``), the README's metric table, the
-queries and alert rules of ``dashboards/README.md`` and any metric any doc
-names may only use what ``app/metrics.py`` defines, and ``app/metrics.py``
-must still define what SPEC §10 promises. ``.env.example`` must list every
+dashboard (``dashboards/mana-llm.json``), the metric table, queries and
+alert rules of ``dashboards/README.md`` and any metric any doc names may
+only use what ``app/metrics.py`` defines, and ``app/metrics.py`` must still
+define what SPEC §10 promises. The README and ``docs/`` stay readable
+without the spec or the tracker. ``.env.example`` must list every
 variable ``app/config.py`` and ``gunicorn.conf.py`` read, at its default.
 """
 
 import json
 import os
+import glob
 import re
 import shutil
 import subprocess
@@ -32,9 +34,11 @@ README_PATH = os.path.join(REPO, "README.md")
 DASHBOARDS_README_PATH = os.path.join(REPO, "dashboards", "README.md")
 ENV_EXAMPLE_PATH = os.path.join(REPO, ".env.example")
 GUNICORN_CONF_PATH = os.path.join(REPO, "gunicorn.conf.py")
+# The long-form docs the README points to.
+DOCS_PATHS = tuple(sorted(glob.glob(os.path.join(REPO, "docs", "*.md"))))
 # Every document a reader may take a metric name from.
 DOC_PATHS = (README_PATH, DASHBOARDS_README_PATH, ENV_EXAMPLE_PATH,
-             os.path.join(REPO, "bench", "README.md"))
+             os.path.join(REPO, "bench", "README.md")) + DOCS_PATHS
 
 # SPEC §10, copied by hand: exposed name -> (type, labels). A rename in
 # app/metrics.py (or in the spec) must be made here too, deliberately.
@@ -464,14 +468,20 @@ def readme():
 
 
 @pytest.fixture(scope="module")
-def metrics_md(readme):
-    """Return the README's "### Metrics" section (under "## Operating it")."""
+def readme_metrics(readme):
+    """Return the README's short "### Metrics" section (under "## Operating it")."""
     return section(readme, "### Metrics")
 
 
 @pytest.fixture(scope="module")
 def dashboards_md():
     return read(DASHBOARDS_README_PATH)
+
+
+@pytest.fixture(scope="module")
+def metrics_md(dashboards_md):
+    """Return the "## Metrics" section of dashboards/README.md, which holds the metric table."""
+    return section(dashboards_md, "## Metrics")
 
 
 def alert_rules_text(dashboards_md):
@@ -482,7 +492,7 @@ def alert_rules_text(dashboards_md):
 
 
 def test_metrics_md_table_matches_spec(metrics_md):
-    assert metrics_md.lstrip().startswith("### Metrics")
+    assert metrics_md.lstrip().startswith("## Metrics")
     rows = {}
     for cells in table_rows(metrics_md):
         if cells[0].startswith("`mana_llm_"):
@@ -522,22 +532,61 @@ def test_alert_rules_use_only_known_metrics_and_labels(dashboards_md):
     assert not problems, "\n".join(problems)
 
 
-def test_the_label_cap_is_stated_where_the_metrics_are(metrics_md, dashboards_md):
+def test_the_label_cap_is_stated_where_the_metrics_are(readme_metrics, metrics_md,
+                                                       dashboards_md):
     cap = app_config.build_config({})["METRICS_LABEL_CAP"]
-    for text in (metrics_md, dashboards_md):
+    for text in (readme_metrics, metrics_md, dashboards_md):
         assert f"METRICS_LABEL_CAP={cap}" in text.replace("`", "")
         assert "`other`" in text
 
 
-def test_readme_points_at_the_dashboard_docs(metrics_md, dashboards_md):
-    assert "dashboards/README.md" in metrics_md
-    assert "mana-llm.json" in metrics_md and "mana-llm.json" in dashboards_md
+def test_readme_points_at_the_dashboard_docs(readme_metrics, dashboards_md):
+    assert "dashboards/README.md" in readme_metrics
+    assert "mana-llm.json" in readme_metrics and "mana-llm.json" in dashboards_md
     assert os.path.exists(DASHBOARD_PATH)
 
 
-def test_readme_cites_no_hidden_documents(readme):
-    # The README is for readers of this repository, who cannot see the spec or the tracker.
-    assert not re.search(r"SPEC|§|\bissue \d", readme)
+def test_there_are_docs():
+    names = {os.path.basename(path) for path in DOCS_PATHS}
+    assert {"operating.md", "board.md", "callers.md", "caching.md"} <= names, names
+
+
+@pytest.mark.parametrize("path", (README_PATH, DASHBOARDS_README_PATH) + DOCS_PATHS,
+                         ids=lambda path: os.path.relpath(path, REPO))
+def test_docs_cite_no_hidden_documents(path):
+    # The docs are for readers of this repository, who cannot see the spec or the tracker.
+    hidden = re.findall(r"SPEC|§|\bissue \d", read(path))
+    assert not hidden, f"{os.path.relpath(path, REPO)} cites {hidden}"
+
+
+LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(text):
+    """Return the GitHub anchors of the headings of a markdown ``text``."""
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(slug)
+    return found
+
+
+@pytest.mark.parametrize("path", (README_PATH, DASHBOARDS_README_PATH) + DOCS_PATHS,
+                         ids=lambda path: os.path.relpath(path, REPO))
+def test_doc_links_resolve(path):
+    """Every relative link of the README and docs names a file, and a heading, that exist."""
+    broken = []
+    for target in LINK_RE.findall(read(path)):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) \
+            if file_part else path
+        if not os.path.exists(linked):
+            broken.append(target)
+        elif anchor and (os.path.isdir(linked) or anchor not in anchors(read(linked))):
+            broken.append(target)
+    assert not broken, f"{os.path.relpath(path, REPO)}: broken links {broken}"
 
 
 # --------------------------------------------------------------- .env.example
