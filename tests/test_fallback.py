@@ -485,3 +485,16 @@ def test_a_committed_stream_is_watched_for_its_caller_until_it_ends(walker, infl
     assert inflight.watched == (1, "the caller's socket")
     list(stream)
     assert inflight.watched is None
+
+
+def test_a_failed_call_is_logged_with_its_reason_and_message(walker, caplog):
+    def ask(provider, entry, call):
+        if entry.provider == "ollama":
+            raise errors.UpstreamError("ollama: stream line longer than 1 MiB",
+                                       reason="too-large")
+        return "ok"
+
+    with caplog.at_level("INFO", logger="app.routing.fallback"):
+        walk(walker, chain("ollama", "groq"), ask)
+    assert "ollama/model-ollama failed (too-large): ollama: stream line longer than 1 MiB" \
+        in caplog.text

@@ -10,12 +10,15 @@ edge, so anything else is a bug of ours, which reaches the caller as a
 """
 
 import functools
+import logging
 import time
 import weakref
 from dataclasses import dataclass
 
 from app import errors
 from app.streaming import CommittedStream
+
+log = logging.getLogger(__name__)
 
 # What a caller turned away by a full provider is told: slots free up as calls end.
 SATURATED_RETRY_AFTER = 1.0
@@ -195,7 +198,10 @@ class ChainWalker:
             self._capacity.release(slot)
 
     def _record_failure(self, entry, error, asked):
-        """Tell the metrics and the health cache what a failed call says about the provider."""
+        """Tell the log, the metrics and the health cache what a failed call says."""
+        # The reason code alone (in attempts and metrics) cannot tell two
+        # failures apart; the message can (already redacted at the edge).
+        log.info("%s failed (%s): %s", entry.label, error.reason, error.message)
         self._recorder.llm_error(entry, asked, error.reason)
         if error.on_failure == "trip":
             self._health.record_failure(entry.provider, error.message)
