@@ -17,12 +17,11 @@ skips it while it is down.
 """
 
 import os
-import sqlite3
-import threading
 import time
 
 from app.routing.board import (RUNTIME_DIR_VARIABLE, SQLITE_FILE, BoardUnavailable,
                                GuardedBoard, sqlite_path)
+from app.routing.board_sqlite import SqliteFile
 
 SUFFIX = ".cache"
 EVICT_BATCH = 64
@@ -44,86 +43,43 @@ class SqliteCacheStore:
 
     def __init__(self, path, *, timeout=0.1, wall=time.time):
         self.path = path
-        self._timeout = timeout
         self._wall = wall
-        self._lock = threading.Lock()
-        self._connection = None
+        self._file = SqliteFile(path, SCHEMA, timeout=timeout)
 
     def get(self, key):
         """Return the entry kept under ``key`` (bytes), or None."""
-        with self._lock:
-            row = self._run(lambda db: db.execute(
-                "SELECT value FROM cache WHERE key = ? AND expires > ?",
-                (key, self._wall())).fetchone())
+        row = self._file.run(lambda db: db.execute(
+            "SELECT value FROM cache WHERE key = ? AND expires > ?",
+            (key, self._wall())).fetchone())
         return bytes(row[0]) if row else None
 
     def put(self, key, raw, expires, max_bytes):
         """Keep ``raw`` under ``key`` until ``expires``; evict to fit; return the total bytes."""
         def transaction(db):
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                total = db.execute("SELECT bytes FROM cache_total WHERE id = 1").fetchone()[0]
-                total -= _delete(db, "SELECT key, size FROM cache WHERE key = ?", (key,))
-                total -= _delete(db, "SELECT key, size FROM cache WHERE expires <= ?",
-                                 (self._wall(),))
-                db.execute("INSERT INTO cache (key, value, size, expires) VALUES (?, ?, ?, ?)",
-                           (key, raw, len(raw), expires))
-                total += len(raw)
-                while total > max_bytes:
-                    freed = _delete(db, "SELECT key, size FROM cache ORDER BY expires LIMIT ?",
-                                    (EVICT_BATCH,))
-                    if not freed:
-                        break
-                    total -= freed
-                db.execute("UPDATE cache_total SET bytes = ? WHERE id = 1", (total,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            total = db.execute("SELECT bytes FROM cache_total WHERE id = 1").fetchone()[0]
+            total -= _delete(db, "SELECT key, size FROM cache WHERE key = ?", (key,))
+            total -= _delete(db, "SELECT key, size FROM cache WHERE expires <= ?",
+                             (self._wall(),))
+            db.execute("INSERT INTO cache (key, value, size, expires) VALUES (?, ?, ?, ?)",
+                       (key, raw, len(raw), expires))
+            total += len(raw)
+            while total > max_bytes:
+                freed = _delete(db, "SELECT key, size FROM cache ORDER BY expires LIMIT ?",
+                                (EVICT_BATCH,))
+                if not freed:
+                    break
+                total -= freed
+            db.execute("UPDATE cache_total SET bytes = ? WHERE id = 1", (total,))
             return total
 
-        with self._lock:
-            return self._run(transaction)
+        return self._file.transaction(transaction)
 
     def check(self):
         """Raise BoardUnavailable unless the file can be read now."""
-        with self._lock:
-            self._run(lambda db: db.execute("SELECT bytes FROM cache_total").fetchone())
+        self._file.run(lambda db: db.execute("SELECT bytes FROM cache_total").fetchone())
 
     def close(self):
-        with self._lock:
-            self._drop()
-
-    def _run(self, work):
-        try:
-            return work(self._connect())
-        except sqlite3.Error as exc:
-            self._drop()
-            raise BoardUnavailable(f"sqlite {self.path}: {exc}") from None
-
-    def _connect(self):
-        # Opened on first use, so it always belongs to the process using it (after fork).
-        if self._connection is None:
-            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
-                                 check_same_thread=False)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=OFF")  # runtime state: nothing worth an fsync
-                for statement in SCHEMA:
-                    db.execute(statement)
-            except sqlite3.Error:
-                db.close()
-                raise
-            self._connection = db
-        return self._connection
-
-    def _drop(self):
-        if self._connection is not None:
-            try:
-                self._connection.close()
-            except sqlite3.Error:
-                pass
-            self._connection = None
+        self._file.close()
 
 
 def _delete(db, select, args):

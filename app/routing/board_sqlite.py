@@ -31,142 +31,57 @@ UPSERT = (f"INSERT OR REPLACE INTO slates (provider, {', '.join(FIELDS)}) "
           f"VALUES ({', '.join('?' * (len(FIELDS) + 1))})")
 
 
-class SqliteBoard:
-    """A board in a SQLite file; one connection per process, used under a lock."""
+class SqliteFile:
+    """One process's connection to a SQLite file, opened on first use, used under a lock.
 
-    name = "sqlite"
+    Opened lazily so it always belongs to the process using it (after
+    fork). SQLite's errors become ``BoardUnavailable``, and a broken
+    connection is opened afresh on the next call.
+    """
 
-    def __init__(self, path, *, timeout=0.1, wall=time.time):
+    def __init__(self, path, schema, *, timeout=0.1):
         self.path = path
-        self._wall = wall
+        self._schema = schema
         self._timeout = timeout
         self._lock = threading.Lock()
         self._connection = None
 
-    def read(self, providers):
-        wanted = set(providers)
+    def run(self, work):
+        """Return ``work(connection)``, run under the lock."""
         with self._lock:
-            rows = self._run(lambda db: db.execute(SELECT).fetchall())
-        return {row[0]: _slate(row[1:]) for row in rows if row[0] in wanted}
+            try:
+                return work(self._connect())
+            except sqlite3.Error as exc:
+                self._drop()
+                raise BoardUnavailable(f"sqlite {self.path}: {exc}") from None
 
-    def update(self, provider, change):
-        def transaction(db):
+    def transaction(self, work):
+        """Return ``work(connection)`` run in one ``BEGIN IMMEDIATE`` transaction."""
+        def immediate(db):
             db.execute("BEGIN IMMEDIATE")
             try:
-                row = db.execute(SELECT + " WHERE provider = ?", (provider,)).fetchone()
-                old = _slate(row[1:]) if row else Slate()
-                new = change(old)
-                if new == Slate():
-                    db.execute("DELETE FROM slates WHERE provider = ?", (provider,))
-                elif new != old:
-                    db.execute(UPSERT, (provider, *dataclasses.astuple(new)))
+                result = work(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return new
+            return result
 
-        with self._lock:
-            return self._run(transaction)
-
-    def add(self, counts):
-        """Add to each counter in one transaction; return ``{key: new value}``."""
-        def transaction(db):
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                out = {}
-                for key, (amount, until) in counts.items():
-                    out[key] = db.execute(
-                        "INSERT INTO counters (key, value, expires) VALUES (?, ?, ?) "
-                        "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value "
-                        "RETURNING value", (key, amount, until)).fetchone()[0]
-                if any(amount for amount, _ in counts.values()):
-                    db.execute("DELETE FROM counters WHERE expires <= ?", (self._wall(),))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return out
-
-        with self._lock:
-            return self._run(transaction)
-
-    # --- capacity slots (app.routing.capacity): one row per lease ---------------------------
-
-    def acquire_slot(self, provider, cap, token, owner, *, now, ttl):
-        """Take a slot if fewer than ``cap`` live leases are out: one IMMEDIATE transaction."""
-        def transaction(db):
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("DELETE FROM slots WHERE provider = ? AND expires <= ?",
-                           (provider, now))
-                live, = db.execute("SELECT COUNT(*) FROM slots WHERE provider = ?",
-                                   (provider,)).fetchone()
-                taken = live < cap
-                if taken:
-                    db.execute("INSERT INTO slots VALUES (?, ?, ?, ?)",
-                               (token, provider, owner, now + ttl))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return taken
-
-        with self._lock:
-            return self._run(transaction)
-
-    def release_slot(self, provider, token):
-        with self._lock:
-            self._run(lambda db: db.execute("DELETE FROM slots WHERE token = ?", (token,)))
-
-    def refresh_slots(self, tokens, *, now, ttl):
-        held = [(now + ttl, token, now) for group in tokens.values() for token in group]
-        with self._lock:
-            self._run(lambda db: db.executemany(
-                "UPDATE slots SET expires = ? WHERE token = ? AND expires > ?", held))
-
-    def count_slots(self, providers, *, now):
-        with self._lock:
-            rows = self._run(lambda db: db.execute(
-                "SELECT provider, COUNT(*) FROM slots WHERE expires > ? GROUP BY provider",
-                (now,)).fetchall())
-        found = dict(rows)
-        return {name: found.get(name, 0) for name in providers}
-
-    def check(self):
-        """Raise BoardUnavailable unless the file can be written now."""
-        with self._lock:
-            self._run(lambda db: db.execute(
-                "INSERT INTO heartbeat (id, beats) VALUES (1, 1) "
-                "ON CONFLICT (id) DO UPDATE SET beats = beats + 1"))
+        return self.run(immediate)
 
     def close(self):
         with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-
-    def _run(self, work):
-        """Run ``work(connection)``, translating SQLite's errors into ours."""
-        try:
-            return work(self._connect())
-        except sqlite3.Error as exc:
-            # A broken connection is opened afresh on the next try.
             self._drop()
-            raise BoardUnavailable(f"sqlite {self.path}: {exc}") from None
 
     def _connect(self):
-        # Opened on first use, so it always belongs to the process using it (after fork).
         if self._connection is None:
             db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
                                  check_same_thread=False)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=OFF")
-                db.execute(SCHEMA)
-                db.execute(HEARTBEAT)
-                db.execute(COUNTERS)
-                db.execute(SLOTS)
+                db.execute("PRAGMA synchronous=OFF")  # runtime state: nothing worth an fsync
+                for statement in self._schema:
+                    db.execute(statement)
             except sqlite3.Error:
                 db.close()
                 raise
@@ -180,6 +95,91 @@ class SqliteBoard:
             except sqlite3.Error:
                 pass
             self._connection = None
+
+
+class SqliteBoard:
+    """A board in a SQLite file; one connection per process, used under a lock."""
+
+    name = "sqlite"
+
+    def __init__(self, path, *, timeout=0.1, wall=time.time):
+        self.path = path
+        self._wall = wall
+        self._file = SqliteFile(path, (SCHEMA, HEARTBEAT, COUNTERS, SLOTS), timeout=timeout)
+
+    def read(self, providers):
+        wanted = set(providers)
+        rows = self._file.run(lambda db: db.execute(SELECT).fetchall())
+        return {row[0]: _slate(row[1:]) for row in rows if row[0] in wanted}
+
+    def update(self, provider, change):
+        def transaction(db):
+            row = db.execute(SELECT + " WHERE provider = ?", (provider,)).fetchone()
+            old = _slate(row[1:]) if row else Slate()
+            new = change(old)
+            if new == Slate():
+                db.execute("DELETE FROM slates WHERE provider = ?", (provider,))
+            elif new != old:
+                db.execute(UPSERT, (provider, *dataclasses.astuple(new)))
+            return new
+
+        return self._file.transaction(transaction)
+
+    def add(self, counts):
+        """Add to each counter in one transaction; return ``{key: new value}``."""
+        def transaction(db):
+            out = {}
+            for key, (amount, until) in counts.items():
+                out[key] = db.execute(
+                    "INSERT INTO counters (key, value, expires) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value "
+                    "RETURNING value", (key, amount, until)).fetchone()[0]
+            if any(amount for amount, _ in counts.values()):
+                db.execute("DELETE FROM counters WHERE expires <= ?", (self._wall(),))
+            return out
+
+        return self._file.transaction(transaction)
+
+    # --- capacity slots (app.routing.capacity): one row per lease ---------------------------
+
+    def acquire_slot(self, provider, cap, token, owner, *, now, ttl):
+        """Take a slot if fewer than ``cap`` live leases are out: one IMMEDIATE transaction."""
+        def transaction(db):
+            db.execute("DELETE FROM slots WHERE provider = ? AND expires <= ?",
+                       (provider, now))
+            live, = db.execute("SELECT COUNT(*) FROM slots WHERE provider = ?",
+                               (provider,)).fetchone()
+            taken = live < cap
+            if taken:
+                db.execute("INSERT INTO slots VALUES (?, ?, ?, ?)",
+                           (token, provider, owner, now + ttl))
+            return taken
+
+        return self._file.transaction(transaction)
+
+    def release_slot(self, provider, token):
+        self._file.run(lambda db: db.execute("DELETE FROM slots WHERE token = ?", (token,)))
+
+    def refresh_slots(self, tokens, *, now, ttl):
+        held = [(now + ttl, token, now) for group in tokens.values() for token in group]
+        self._file.run(lambda db: db.executemany(
+            "UPDATE slots SET expires = ? WHERE token = ? AND expires > ?", held))
+
+    def count_slots(self, providers, *, now):
+        rows = self._file.run(lambda db: db.execute(
+            "SELECT provider, COUNT(*) FROM slots WHERE expires > ? GROUP BY provider",
+            (now,)).fetchall())
+        found = dict(rows)
+        return {name: found.get(name, 0) for name in providers}
+
+    def check(self):
+        """Raise BoardUnavailable unless the file can be written now."""
+        self._file.run(lambda db: db.execute(
+            "INSERT INTO heartbeat (id, beats) VALUES (1, 1) "
+            "ON CONFLICT (id) DO UPDATE SET beats = beats + 1"))
+
+    def close(self):
+        self._file.close()
 
 
 def _slate(values):
