@@ -17,9 +17,9 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-import yaml
 
 from app import errors
+from app.yaml_file import read_yaml
 
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -173,19 +173,7 @@ def parse_keys(doc):
 
 def load_keys(path):
     """Read, parse and validate a key file."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as exc:
-        raise KeysConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise KeysConfigError(f"{path} is not UTF-8 text") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise KeysConfigError(f"{path} is not valid YAML: {exc}") from None
-    except (ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
-        raise KeysConfigError(f"{path} is not valid YAML: {type(exc).__name__}") from None
+    doc = read_yaml(path, KeysConfigError)
     try:
         return parse_keys(doc)
     except KeysConfigError as exc:

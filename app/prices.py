@@ -7,9 +7,9 @@ neither costs 0 and ``python -m app check-config`` lists it as a warning.
 
 from dataclasses import dataclass
 
-import yaml
 
 from app.providers import KNOWN_PROVIDERS
+from app.yaml_file import read_yaml
 
 PER_TOKENS = 1_000_000
 FREE = (0.0, 0.0)
@@ -91,14 +91,7 @@ def load_prices(path):
     """Read, parse and validate a price file; no path means no prices (all cost 0)."""
     if not path:
         return PriceTable({}, {})
-    try:
-        with open(path, encoding="utf-8") as handle:
-            doc = yaml.safe_load(handle.read())
-    except OSError as exc:
-        raise PricesConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, TypeError, AttributeError,
-            IndexError, RecursionError) as exc:
-        raise PricesConfigError(f"{path} is not valid YAML: {type(exc).__name__}") from None
+    doc = read_yaml(path, PricesConfigError)
     try:
         return parse_prices(doc)
     except PricesConfigError as exc:

@@ -6,10 +6,10 @@ alias and the rule, so a reload can never half-apply.
 
 from dataclasses import dataclass
 
-import yaml
 
 from app import errors
 from app.providers import KNOWN_PROVIDERS
+from app.yaml_file import read_yaml
 
 MAX_MODEL_LENGTH = 256
 MAX_CACHE_TTL = 30 * 86400
@@ -146,22 +146,7 @@ def parse_aliases(doc):
 
 def load_aliases(path):
     """Read, parse and validate an alias file."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as exc:
-        raise AliasConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise AliasConfigError(f"{path} is not UTF-8 text") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise AliasConfigError(f"{path} is not valid YAML: {exc}") from None
-    except (ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
-        # PyYAML's constructors raise these for values such as a date of
-        # month 13, a malformed !!timestamp or nesting thousands deep.
-        raise AliasConfigError(f"{path} is not valid YAML: {type(exc).__name__}: "
-                               f"{exc}") from None
+    doc = read_yaml(path, AliasConfigError)
     return parse_aliases(doc)
 
 
