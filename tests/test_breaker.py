@@ -358,6 +358,14 @@ def test_trial_after_a_probe_that_fails_rearms_the_whole_backoff(cache, clock):
     assert cache.admit("groq") is True
 
 
+def test_a_call_admitted_before_the_trip_cannot_close_the_breaker(cache):
+    assert cache.admit("groq")      # a long call starts while groq is healthy
+    trip(cache)                     # others fail meanwhile; groq trips
+    cache.record_success("groq")    # the long call answers after the trip
+    assert cache.snapshot()["groq"]["status"] == "unhealthy"
+    assert not cache.admit("groq")
+
+
 def test_provider_that_answers_probes_but_fails_calls_stays_out(cache, clock):
     trip(cache)
     clock.advance(1)
@@ -434,16 +442,21 @@ def test_probe_success_on_a_healthy_provider_changes_nothing(cache):
     assert admits(cache, times=2) == [True, True]
 
 
-def test_listeners_end_on_the_current_state_when_transitions_race(cache):
+def test_listeners_end_on_the_current_state_when_transitions_race(cache, clock):
     seen = []
     racing = threading.Event()
 
+    def trial_succeeds():
+        clock.advance(BACKOFF)
+        assert cache.admit("groq")
+        cache.record_success("groq")
+
     def slow_listener(provider, healthy):
-        # While the trip is being told, a success lands: the last word told
-        # must match the cache's state.
+        # While the trip is being told, a trial's success lands: the last
+        # word told must match the cache's state.
         if not healthy and not racing.is_set():
             racing.set()
-            threading.Thread(target=cache.record_success, args=("groq",)).start()
+            threading.Thread(target=trial_succeeds).start()
         seen.append(healthy)
 
     cache.subscribe(slow_listener)

@@ -162,7 +162,16 @@ class HealthCache:
         return slate.trial_owner == self._owner or not slate.tripped
 
     def record_success(self, provider):
-        """Reset the provider: it answered."""
+        """Reset the provider: a call answered."""
+        with self._lock:
+            state = self._get(provider)
+            if not state.healthy and not state.trial_mine:
+                # A call admitted before the trip, answering after it: while
+                # tripped only the half-open trial's answer closes the breaker.
+                return
+        self._reset(provider)
+
+    def _reset(self, provider):
         with self._lock:
             state = self._get(provider)
             was_healthy = state.healthy
@@ -225,7 +234,7 @@ class HealthCache:
         slate = self._share(provider, functools.partial(
             shared.probed_ok, now=self._wall(), backoff=self._backoff))
         if slate is None and close:
-            self.record_success(provider)
+            self._reset(provider)
 
     def record_failure(self, provider, error, *, probe=False):
         """Count a failure; trip at the threshold; re-arm the backoff if tripped.
