@@ -547,10 +547,14 @@ def main(argv=None):
     procs, fakes = Processes(workdir), {}
     try:
         text = soak(args, workdir, procs, fakes)
+    except KeyboardInterrupt:
+        text = None
     finally:
         procs.stop_all()
         for fake in fakes.values():
             fake.stop()
+    if text is None:
+        sys.exit(f"interrupted: everything stopped; gateway log in {workdir}")
     with open(os.path.join(workdir, "report.md"), "w") as handle:
         handle.write(text + "\n")
     print(text)
