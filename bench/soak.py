@@ -425,7 +425,9 @@ def growth_lines(master, series):
         lines.append(f"workers: {len(workers)} seen; max over the run RSS "
                      f"{max(r[1] for r in every):.1f} MiB, fds {max(r[2] for r in every)}, "
                      f"threads {max(r[3] for r in every)}")
-        long_lived = [rows for rows in workers.values() if len(rows) >= 3]
+        # A worker's samples from before its app booted (one thread) are not a baseline.
+        booted = [[row for row in rows if row[3] > 1] for rows in workers.values()]
+        long_lived = [rows for rows in booted if len(rows) >= 3]
         for label, pick in (("first", 0), ("last", -1)):
             if long_lived:
                 rows = long_lived[pick]
