@@ -435,7 +435,21 @@ def growth_lines(master, series):
                              f"{rows[0][1]:.1f} -> {rows[-1][1]:.1f} MiB "
                              f"(+{(rows[-1][1] / rows[0][1] - 1) * 100:.0f} %) "
                              f"over {rows[-1][0] - rows[0][0]:.0f} s")
+        longest = max(booted, key=len)
+        if len(longest) >= 5:
+            points = [longest[round(q * (len(longest) - 1) / 4)] for q in range(5)]
+            lines.append("longest-lived worker RSS at 0/25/50/75/100 % of its samples: "
+                         + ", ".join(f"{row[1]:.1f}" for row in points) + " MiB")
     return lines
+
+
+def write_samples(path, series):
+    """Write every sample as CSV: seconds, pid, RSS MiB, fds, threads."""
+    with open(path, "w") as handle:
+        handle.write("seconds,pid,rss_mib,fds,threads\n")
+        for pid, serie in series.items():
+            for seconds, rss, fds, threads in serie.samples:
+                handle.write(f"{seconds:.1f},{pid},{rss:.1f},{fds},{threads}\n")
 
 
 def failure_lines(tally):
@@ -532,6 +546,7 @@ def soak(args, workdir, procs, fakes):
     finally:
         stop.set()
     load = (fmt_load(load_before), fmt_load(os.getloadavg()))
+    write_samples(os.path.join(workdir, "samples.csv"), series)
     return report(args, tally, elapsed, process.pid, series, scrapes, files,
                   schedule.windows, workdir, load)
 
