@@ -133,6 +133,7 @@ def on_starting(server):
     # class (mmap files per process) at import time.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_directory()
     os.environ["GUNICORN_THREADS"] = str(server.cfg.threads)
+    os.environ["WEB_CONCURRENCY"] = str(server.cfg.workers)  # a cap's per-worker share
     try:
         snapshot = _accepted_settings()
     except (ValueError, OSError, subprocess.SubprocessError) as exc:

@@ -31,6 +31,7 @@ from app.request_log import configure_logging, install_request_log
 from app.routing.aliases import AliasTable, load_aliases, parse_aliases, resolve_chain
 from app.routing.board import open_board
 from app.routing.breaker import HealthCache
+from app.routing.capacity import Capacity
 from app.routing.fallback import ChainWalker
 from app.routing.probes import Prober
 
@@ -50,6 +51,7 @@ class Gateway:
     walker: ChainWalker
     recorder: Recorder
     redactor: Redactor
+    capacity: Capacity      # slots of the capped providers; counts calls in flight
     cache: ResponseCache = None
 
     def route(self, model):
@@ -63,8 +65,15 @@ class Gateway:
         self.recorder.shared_state_up(self.health.board_up)
         self.health.start()  # loads the shared board's state before the worker serves
         self.prober.start()
+        self._start_capacity()
+
+    def _start_capacity(self):
+        for name in self.configured:
+            self.recorder.provider_inflight(name, 0)   # every series exists from boot
+        self.capacity.start()
 
     def stop(self):
+        self.capacity.stop()
         self.prober.stop()
         self.health.stop()
         for provider in self.providers.values():
@@ -127,10 +136,13 @@ def build_gateway(config, table):
     health.subscribe(recorder.provider_health)
     if board is not None:
         board.subscribe(recorder.shared_state_up)
-    walker = ChainWalker(providers, health, inflight, recorder)
+    capacity = Capacity(config_module.provider_caps(config), board=board,
+                        workers=config["WEB_CONCURRENCY"], queue_timeout=config["QUEUE_TIMEOUT"])
+    capacity.subscribe(recorder.provider_inflight)
+    walker = ChainWalker(providers, health, inflight, recorder, capacity)
     cache = ResponseCache(config, open_cache_store(config), recorder)
     return Gateway(config, providers, configured, table, health, prober, walker, recorder,
-                   redactor, cache)
+                   redactor, capacity, cache)
 
 
 def _known_labels(table):

@@ -25,6 +25,8 @@ _FLOATS = {
     "PROBE_INTERVAL": 30.0,
     "PROBE_TIMEOUT": 3.0,
     "STREAM_IDLE_TIMEOUT": 60.0,
+    # Seconds the last eligible entry (or a named model) waits for a capped provider's slot.
+    "QUEUE_TIMEOUT": 30.0,
 }
 _INTS = {
     "PORT": 3025,
@@ -37,6 +39,8 @@ _INTS = {
     "CACHE_WORKER_BYTES": 32 * 1024 * 1024,
     "CACHE_MAX_ENTRY_BYTES": 1024 * 1024,
     "CACHE_EMBEDDINGS_TTL": 86400,
+    # Workers per instance (gunicorn reads it too): a cap's per-worker share without a board.
+    "WEB_CONCURRENCY": 2,
 }
 _STRINGS = {
     "LOG_LEVEL": "info",
@@ -56,6 +60,8 @@ _STRINGS = {
 _BOOLS = {"GPU_REQUIRE_AUTH": True}
 _STRINGS.update({facts.url_var: facts.default_url for facts in REGISTRY.values()})
 _STRINGS.update({name: "" for name in _KEY_VARS})
+# <PROVIDER>_MAX_CONCURRENCY: calls in flight to that provider; unset, no cap.
+_CAP_VARS = {name: f"{name.upper()}_MAX_CONCURRENCY" for name in REGISTRY}
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -71,7 +77,7 @@ def read_env(environ=None, dotenv_path=None):
 
         for key, value in dotenv_values(dotenv_path).items():
             environ.setdefault(key, value or "")
-    known = set(_FLOATS) | set(_INTS) | set(_STRINGS) | set(_BOOLS)
+    known = set(_FLOATS) | set(_INTS) | set(_STRINGS) | set(_BOOLS) | set(_CAP_VARS.values())
     return {k: v for k, v in environ.items() if k in known}
 
 
@@ -92,6 +98,8 @@ def build_config(raw):
         config[name] = default if value is None else str(value).strip()
     for name, default in _BOOLS.items():
         config[name] = _boolean(name, raw.get(name, default))
+    for name in _CAP_VARS.values():
+        config[name] = _cap(name, raw.get(name))
     _check(config)
     config["CORS_ORIGINS"] = [o.strip() for o in config["CORS_ORIGINS"].split(",")
                               if o.strip()]
@@ -109,6 +117,23 @@ def _number(name, value, kind):
     if number != number or number < 0 or number in (float("inf"),):
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
     return number
+
+
+def _cap(name, value):
+    """Return a concurrency cap (None: unset, no cap); a whole number >= 1 otherwise."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1 (or unset for no cap), "
+                          f"got {value!r}")
+    return int(text)
+
+
+def provider_caps(config):
+    """Return ``{provider: cap}`` of the providers with a concurrency cap."""
+    return {provider: config[name] for provider, name in _CAP_VARS.items()
+            if config.get(name) is not None}
 
 
 def _boolean(name, value):
@@ -129,7 +154,7 @@ def _check(config):
                  "OLLAMA_TIMEOUT", "UPSTREAM_TIMEOUT"):
         if config[name] <= 0:
             raise ConfigError(f"{name} must be greater than 0")
-    for name in ("FAILURE_THRESHOLD", "MAX_BODY_BYTES", "GUNICORN_THREADS"):
+    for name in ("FAILURE_THRESHOLD", "MAX_BODY_BYTES", "GUNICORN_THREADS", "WEB_CONCURRENCY"):
         if config[name] < 1:
             raise ConfigError(f"{name} must be at least 1")
     if not 0 < config["PORT"] < 65536:

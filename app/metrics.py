@@ -48,6 +48,12 @@ PROVIDER_HEALTHY = Gauge("mana_llm_provider_healthy", "1 healthy, 0 tripped",
 SHARED_STATE_UP = Gauge("mana_llm_shared_state_up",
                         "1 when this instance's workers reach the shared board, 0 otherwise",
                         multiprocess_mode="livemin")
+# livesum: each worker counts its own calls in flight (a stream until it
+# ends), so the scrape is this instance's total; sum it over instances for
+# a fleet on one Redis. /v1/health shows the board's own count of a capped one.
+PROVIDER_INFLIGHT = Gauge("mana_llm_provider_inflight",
+                          "Calls in flight to a provider (streams until they end)",
+                          ["provider"], multiprocess_mode="livesum")
 
 
 class LabelCap:
@@ -131,6 +137,9 @@ class Recorder:
 
     def provider_health(self, provider, healthy):
         PROVIDER_HEALTHY.labels(provider).set(1 if healthy else 0)
+
+    def provider_inflight(self, provider, delta):
+        self._child(PROVIDER_INFLIGHT, provider).inc(delta)
 
     def shared_state_up(self, up):
         SHARED_STATE_UP.set(1 if up else 0)

@@ -41,6 +41,10 @@ MODEL = "openai/gpt-4o-mini"        # served by the plain upstream (nginx in ful
 ALIAS = "mana/bench"                # chain: [MODEL]
 CACHED = "mana/bench-cached"        # chain: [MODEL], cache_ttl: every request after the first hits
 STREAM_MODEL = "groq/gpt-4o-mini"   # served by bench/upstream.py, which can stream slowly
+# The same upstream behind a provider with a concurrency cap it never reaches: what a
+# slot costs (one acquire and one release on the board SHARED_STATE_URL names).
+CAPPED_MODEL = "together/gpt-4o-mini"
+CAP = 100000
 
 
 @dataclass
@@ -185,6 +189,8 @@ def gateway_env(port, plain_url, stream_url, aliases, log_level):
                 "LOG_LEVEL": log_level, "ALIASES_PATH": aliases,
                 "OPENAI_API_KEY": "bench-key", "OPENAI_BASE_URL": plain_url + "/v1",
                 "GROQ_API_KEY": "bench-key", "GROQ_BASE_URL": stream_url + "/v1",
+                "TOGETHER_API_KEY": "bench-key", "TOGETHER_BASE_URL": plain_url + "/v1",
+                "TOGETHER_MAX_CONCURRENCY": str(CAP),
                 # Ollama is always configured and probed: keep its probe on this box.
                 "OLLAMA_URL": stream_url})
     return env
@@ -251,7 +257,7 @@ def _answers(url):
 
 def smoke_gateway(url):
     """Send one plain and one streamed request through the gateway; raise if either fails."""
-    for model in (MODEL, ALIAS, CACHED, STREAM_MODEL):
+    for model in (MODEL, ALIAS, CACHED, STREAM_MODEL, CAPPED_MODEL):
         response = requests.post(url + clients.CHAT_PATH, json=clients.chat_body(model),
                                  timeout=10)
         if response.status_code != 200:
@@ -478,7 +484,11 @@ def settings_lines(profile, args):
         f"requests: model `{MODEL}` (direct), `{ALIAS}` (alias whose chain is `{MODEL}`) and "
         f"`{CACHED}` (the same alias with cache_ttl: after the first, every request is a "
         "cache hit); "
-        f"streams: `{STREAM_MODEL}` from bench/upstream.py (Python, own process)",
+        f"streams: `{STREAM_MODEL}` from bench/upstream.py (Python, own process); "
+        f"capped model: `{CAPPED_MODEL}` (same upstream, TOGETHER_MAX_CONCURRENCY={CAP}, "
+        f"never reached)",
+        "shared board: SHARED_STATE_URL="
+        + (os.environ.get("SHARED_STATE_URL") or "(unset: the instance's own SQLite file)"),
         "server CPU ms/req: utime+stime of the server's process tree (/proc) over the run, "
         "divided by the requests the client counted; RSS: summed VmRSS after the run",
         "others' CPU: cores used during the run by processes this benchmark did not start; "
@@ -511,7 +521,8 @@ def run(profile, args, procs, workdir):
         targets += start_portkey(args, procs, plain_url, peers)
     targets += [Target("gateway, direct model", gateway[0].pid, gateway[1], MODEL),
                 Target(f"gateway, alias {ALIAS}", gateway[0].pid, gateway[1], ALIAS),
-                Target(HITS, gateway[0].pid, gateway[1], CACHED)]
+                Target(HITS, gateway[0].pid, gateway[1], CACHED),
+                Target("gateway, capped model", gateway[0].pid, gateway[1], CAPPED_MODEL)]
     print("plain requests:", flush=True)
     rows = plain_rows(profile, targets, plain_url)
     profiled = profile_gateway(profile, gateway) if args.profile else None

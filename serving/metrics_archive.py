@@ -32,8 +32,9 @@ from prometheus_client.mmap_dict import MmapedDict
 
 FOLDED_KINDS = ("counter", "histogram", "summary")
 # The files a worker of this app writes (app/metrics.py: counters,
-# histograms, one livemin gauge), named as prometheus_client names them.
-WORKER_FILES = ("counter", "histogram", "gauge_livemin")
+# histograms, and gauges in livemin, livesum and livemax modes), named as
+# prometheus_client names them. A new multiprocess_mode there belongs here too.
+WORKER_FILES = ("counter", "histogram", "gauge_livemin", "gauge_livesum", "gauge_livemax")
 LOCK_NAME = "archive.lock"  # not *.db: the collector only reads *.db
 
 

@@ -714,10 +714,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def serve(self):
         self.started = False
+        path = urlsplit(self.path).path
         try:
             body = self.read_body()
             self.fake._record(self.command, self.path, self.headers, body)
-            self.act(self.make_call(body))
+            self.fake._concurrent(path, 1)
+            try:
+                self.act(self.make_call(body))
+            finally:
+                self.fake._concurrent(path, -1)
         except (ConnectionError, TimeoutError, ClientGone):
             self.close_connection = True
             if not self.stop_event.is_set():
@@ -1061,6 +1066,8 @@ class FakeUpstream:
                           "connections_accepted": 0}
         self._reply_text = None
         self._missing = set()
+        self._now = {}     # path -> requests being answered now
+        self._most = {}    # path -> the most ever answered at once
 
     def _next_behaviour(self, path):
         with self._lock:
@@ -1126,6 +1133,17 @@ class FakeUpstream:
         with self._lock:
             return self._counters["client_disconnects"]
 
+    def concurrent(self, path_substring=None):
+        """Return how many requests (whose path contains the substring) are being answered now."""
+        with self._lock:
+            return sum(n for p, n in self._now.items()
+                       if path_substring is None or path_substring in p)
+
+    def max_concurrent(self, path):
+        """Return the most requests to ``path`` that were ever being answered at once."""
+        with self._lock:
+            return self._most.get(path, 0)
+
     def wait_for(self, predicate, timeout=5.0, interval=0.02):
         """Poll ``predicate()`` until true or ``timeout``; return whether it came true."""
         deadline = time.monotonic() + timeout
@@ -1146,6 +1164,11 @@ class FakeUpstream:
         with self._lock:
             self._requests.append(request)
         return request
+
+    def _concurrent(self, path, delta):
+        with self._lock:
+            self._now[path] = self._now.get(path, 0) + delta
+            self._most[path] = max(self._most.get(path, 0), self._now[path])
 
     def _count(self, counter):
         with self._lock:

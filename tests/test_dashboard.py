@@ -65,6 +65,8 @@ CACHE_METRICS = {
     "mana_llm_cache_saved_tokens_total": ("counter", ("provider", "type")),
     "mana_llm_cache_saved_usd_total": ("counter", ("provider",)),
 }
+# Capacity caps (SPEC §13): in the README table, with a panel of its own.
+CAPACITY_METRICS = {"mana_llm_provider_inflight": ("gauge", ("provider",))}
 
 METRIC_RE = re.compile(r"mana_llm_[a-z_]+")
 STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -233,7 +235,7 @@ def variable_query(variable):
 
 def test_metrics_module_matches_spec_table():
     assert defined_metrics() == {**SPEC_METRICS, **BOARD_METRICS, **CALLER_METRICS,
-                                 **CACHE_METRICS}
+                                 **CACHE_METRICS, **CAPACITY_METRICS}
 
 
 def test_provider_health_gauge_is_livemin():
@@ -486,7 +488,16 @@ def test_metrics_md_table_matches_spec(metrics_md):
         if cells[0].startswith("`mana_llm_"):
             labels = tuple(re.findall(r"[a-z_]+", cells[2].split("(")[0]))
             rows[cells[0].strip("`")] = (cells[1], labels)
-    assert rows == {**SPEC_METRICS, **CALLER_METRICS, **CACHE_METRICS}
+    assert rows == {**SPEC_METRICS, **CALLER_METRICS, **CACHE_METRICS, **CAPACITY_METRICS}
+
+
+def test_every_metric_of_the_readme_table_has_a_panel(metrics_md, dashboard):
+    listed = {cells[0].strip("`") for cells in table_rows(metrics_md)
+              if cells[0].startswith("`mana_llm_")}
+    table = {name: kind for name, kind in defined_metrics().items() if name in listed}
+    used = {base_metric(name, table) for _, expr in panel_exprs(dashboard)
+            for name in METRIC_RE.findall(strip_strings(expr))}
+    assert listed and not listed - used, f"without a panel: {sorted(listed - used)}"
 
 
 @pytest.mark.parametrize("path", DOC_PATHS, ids=lambda path: os.path.relpath(path, REPO))

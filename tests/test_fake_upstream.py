@@ -455,3 +455,18 @@ def test_runs_as_a_module_until_ctrl_c():
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=5) == 0
+
+
+def test_counts_the_most_requests_answered_at_once(fake):
+    fake.behave("delay", path="/api/chat", seconds=0.5)
+    body = {"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "hi"}],
+            "stream": False}
+    threads = [threading.Thread(target=requests.post, args=(fake.url + "/api/chat",),
+                                kwargs={"json": body, "timeout": 10}) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    assert fake.wait_for(lambda: fake.concurrent("/api/chat") == 3)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert fake.concurrent("/api/chat") == 0
+    assert fake.max_concurrent("/api/chat") == 3 and fake.max_concurrent("/api/tags") == 0

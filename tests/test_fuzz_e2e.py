@@ -94,6 +94,9 @@ def live(tmp_path_factory):
     fakes = {name: FakeUpstream(name=name).start() for name in PROVIDERS}
     env = provider_env(fakes)
     env["ALIASES_PATH"] = os.path.join(REPO, "aliases.yaml")
+    # A cap never reached (requests come one at a time): /v1/health then shows
+    # the capped provider's fields, and every call takes and gives back a slot.
+    env["OLLAMA_MAX_CONCURRENCY"] = "64"
     server = Gunicorn(env, tmp_path_factory.mktemp("fuzz") / "gateway.log")
     try:
         server.start()

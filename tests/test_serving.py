@@ -1,6 +1,8 @@
 """The worker's head check and the metrics archive, without a server."""
 
 import json
+import os
+import re
 
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
@@ -75,5 +77,14 @@ def test_a_new_workers_files_are_readable_from_the_start(tmp_path):
 
     create_worker_files(str(tmp_path), 4242)
     names = sorted(p.name for p in tmp_path.glob("*.db"))
-    assert names == ["counter_4242.db", "gauge_livemin_4242.db", "histogram_4242.db"]
+    assert names == ["counter_4242.db", "gauge_livemax_4242.db", "gauge_livemin_4242.db",
+                     "gauge_livesum_4242.db", "histogram_4242.db"]
     assert all(read(tmp_path / name) == {} for name in names)
+
+
+def test_the_worker_files_cover_every_gauge_mode_the_app_uses():
+    from serving.metrics_archive import WORKER_FILES
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "app", "metrics.py")) as handle:
+        modes = set(re.findall(r'multiprocess_mode="(\w+)"', handle.read()))
+    assert modes and {f"gauge_{mode}" for mode in modes} <= set(WORKER_FILES)

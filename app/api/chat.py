@@ -42,6 +42,15 @@ def hit_headers(gateway, entry):
             "Age": str(entry.age(time.time()))}
 
 
+def capable(provider, body, model):
+    """Tell whether ``model`` of ``provider`` can take ``body`` (tools, say), before any call."""
+    try:
+        provider.check_capabilities(body, model)
+    except errors.CapabilityError:
+        return False
+    return True
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions():
     gateway = current_app.extensions["mana_llm"]
@@ -56,7 +65,8 @@ def chat_completions():
     if body.get("stream"):
         return _stream(gateway, body, route, plan)
     outcome = gateway.walker.walk(
-        route, lambda provider, entry, call: provider.chat(body, entry.model, call))
+        route, lambda provider, entry, call: provider.chat(body, entry.model, call),
+        can_serve=lambda provider, model: capable(provider, body, model))
     answer = outcome.result
     gateway.recorder.tokens(outcome.entry, answer.get("usage"), g.caller)
     if complete_answer(answer):
@@ -69,7 +79,8 @@ def _stream(gateway, body, route, plan):
     # The caller's socket (gunicorn's): a stream whose caller left is closed at once.
     outcome = gateway.walker.walk(
         route, lambda provider, entry, call: prime(provider.stream_chat(body, entry.model, call)),
-        streaming=True, client=request.environ.get("gunicorn.socket"), payer=g.caller)
+        streaming=True, client=request.environ.get("gunicorn.socket"), payer=g.caller,
+        can_serve=lambda provider, model: capable(provider, body, model))
     tape = gateway.cache.tape(plan, outcome.entry.label)
     # The request context stays with the stream, so its log lines keep the request id.
     events = stream_with_context(_frame(outcome.result, _include_usage(body), tape))

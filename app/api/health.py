@@ -26,6 +26,10 @@ def detailed_health():
     gateway = current_app.extensions["mana_llm"]
     states = provider_states(gateway)
     body = {"status": overall(states), "providers": states}
+    # Capped providers: calls in flight and the cap (one board read when caps are set).
+    for name, load in gateway.capacity.status().items():
+        if name in states:
+            states[name].update(load)
     board = gateway.health.board_status()  # no board round trip: the last known state
     if board is not None:
         body["shared_state"] = board

@@ -17,6 +17,7 @@ a backend, so a board that fails or hangs is skipped, never waited on.
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -146,6 +147,7 @@ class MemoryBoard:
         self._slates = {}
         self._counters = {}
         self._wall = wall
+        self._leases = {}   # provider -> {token: (owner, expires)}
 
     def read(self, providers):
         with self._lock:
@@ -181,6 +183,38 @@ class MemoryBoard:
                 counters[key] = (value, until)
                 out[key] = value
             return out
+
+    # --- capacity slots: leases with an owner and an expiry (app.routing.capacity) ---
+
+    def acquire_slot(self, provider, cap, token, owner, *, now, ttl):
+        """Take a slot of ``provider`` if fewer than ``cap`` live leases are out; tell if taken."""
+        with self._lock:
+            leases = self._leases.setdefault(provider, {})
+            for old in [t for t, (_, expires) in leases.items() if expires <= now]:
+                del leases[old]
+            if len(leases) >= cap:
+                return False
+            leases[token] = (owner, now + ttl)
+            return True
+
+    def release_slot(self, provider, token):
+        with self._lock:
+            self._leases.get(provider, {}).pop(token, None)
+
+    def refresh_slots(self, tokens, *, now, ttl):
+        """Extend the leases ``{provider: [token]}`` still held (an expired one stays gone)."""
+        with self._lock:
+            for provider, held in tokens.items():
+                leases = self._leases.get(provider, {})
+                for token in held:
+                    if token in leases and leases[token][1] > now:
+                        leases[token] = (leases[token][0], now + ttl)
+
+    def count_slots(self, providers, *, now):
+        """Return ``{provider: live leases}``."""
+        with self._lock:
+            return {name: sum(1 for _, expires in self._leases.get(name, {}).values()
+                              if expires > now) for name in providers}
 
 
 # --- the breaker in front of a backend -------------------------------------------------------
@@ -239,6 +273,22 @@ class GuardedBoard:
     def cache_put(self, key, raw, expires, max_bytes):
         """Keep a response cache entry; return the store's bytes, or None if unavailable."""
         return self._attempt(self.backend.put, key, raw, expires, max_bytes)
+
+    def acquire_slot(self, provider, cap, token, owner, *, now, ttl):
+        """Tell whether the slot was taken; None while the board is unavailable."""
+        return self._attempt(functools.partial(self.backend.acquire_slot, now=now, ttl=ttl),
+                             provider, cap, token, owner)
+
+    def release_slot(self, provider, token):
+        return self._attempt(self.backend.release_slot, provider, token)
+
+    def refresh_slots(self, tokens, *, now, ttl):
+        return self._attempt(functools.partial(self.backend.refresh_slots, now=now, ttl=ttl),
+                             tokens)
+
+    def count_slots(self, providers, *, now):
+        """Return ``{provider: live leases}``, or None while the board is unavailable."""
+        return self._attempt(functools.partial(self.backend.count_slots, now=now), providers)
 
     def reconnect(self):
         """Try a down board again if its retry is due; return whether it is up."""

@@ -20,6 +20,15 @@ from app.routing.board import BoardBusy, BoardUnavailable, Slate
 
 # Each lost race means another writer won, so N racing writers all land within N.
 ATTEMPTS = 16
+# Take a slot: drop expired leases, count the live ones, add ours below the cap. The key
+# lives as long as its longest lease could (twice the TTL: hosts' clocks differ a little).
+ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 _FLOATS = {f.name for f in dataclasses.fields(Slate) if f.type in (float, "float")}
 
 
@@ -34,6 +43,7 @@ class RedisBoard:
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0), decode_responses=True)
+        self._acquire = self._client.register_script(ACQUIRE)
 
     def key(self, provider):
         return f"{self.prefix}provider:{provider}"
@@ -86,6 +96,41 @@ class RedisBoard:
                 pipe.expireat(f"{self.prefix}count:{key}", int(until) + 1)
             found = pipe.execute()
         return {key: int(found[2 * i]) for i, key in enumerate(keys)}
+    # --- capacity slots (app.routing.capacity): a sorted set per provider, scored by expiry ---
+
+    def slots_key(self, provider):
+        return f"{self.prefix}slots:{provider}"
+
+    def acquire_slot(self, provider, cap, token, owner, *, now, ttl):
+        """Take a slot if fewer than ``cap`` live leases are out: one Lua script, one trip."""
+        with self._guard():
+            return bool(self._acquire(keys=[self.slots_key(provider)],
+                                      args=[repr(now), cap, repr(now + ttl), token,
+                                            int(ttl * 2000)]))
+
+    def release_slot(self, provider, token):
+        with self._guard():
+            self._client.zrem(self.slots_key(provider), token)
+
+    def refresh_slots(self, tokens, *, now, ttl):
+        """Extend the leases still held; XX never brings back one that expired."""
+        with self._guard():
+            pipe = self._client.pipeline(transaction=False)
+            for provider, held in tokens.items():
+                if held:
+                    key = self.slots_key(provider)
+                    pipe.zadd(key, {token: now + ttl for token in held}, xx=True)
+                    pipe.pexpire(key, int(ttl * 2000))
+            pipe.execute()
+
+    def count_slots(self, providers, *, now):
+        names = list(providers)
+        with self._guard():
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.zcount(self.slots_key(name), f"({now!r}", "+inf")
+            counts = pipe.execute()
+        return dict(zip(names, counts))
 
     def check(self):
         """Raise BoardUnavailable unless Redis answers now."""

@@ -24,6 +24,8 @@ HEARTBEAT = ("CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK
              "beats INTEGER)")
 COUNTERS = ("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER, "
             "expires REAL)")
+SLOTS = ("CREATE TABLE IF NOT EXISTS slots (token TEXT PRIMARY KEY, provider TEXT, "
+         "owner TEXT, expires REAL)")
 SELECT = f"SELECT provider, {', '.join(FIELDS)} FROM slates"
 UPSERT = (f"INSERT OR REPLACE INTO slates (provider, {', '.join(FIELDS)}) "
           f"VALUES ({', '.join('?' * (len(FIELDS) + 1))})")
@@ -89,6 +91,48 @@ class SqliteBoard:
         with self._lock:
             return self._run(transaction)
 
+    # --- capacity slots (app.routing.capacity): one row per lease ---------------------------
+
+    def acquire_slot(self, provider, cap, token, owner, *, now, ttl):
+        """Take a slot if fewer than ``cap`` live leases are out: one IMMEDIATE transaction."""
+        def transaction(db):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM slots WHERE provider = ? AND expires <= ?",
+                           (provider, now))
+                live, = db.execute("SELECT COUNT(*) FROM slots WHERE provider = ?",
+                                   (provider,)).fetchone()
+                taken = live < cap
+                if taken:
+                    db.execute("INSERT INTO slots VALUES (?, ?, ?, ?)",
+                               (token, provider, owner, now + ttl))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return taken
+
+        with self._lock:
+            return self._run(transaction)
+
+    def release_slot(self, provider, token):
+        with self._lock:
+            self._run(lambda db: db.execute("DELETE FROM slots WHERE token = ?", (token,)))
+
+    def refresh_slots(self, tokens, *, now, ttl):
+        held = [(now + ttl, token, now) for group in tokens.values() for token in group]
+        with self._lock:
+            self._run(lambda db: db.executemany(
+                "UPDATE slots SET expires = ? WHERE token = ? AND expires > ?", held))
+
+    def count_slots(self, providers, *, now):
+        with self._lock:
+            rows = self._run(lambda db: db.execute(
+                "SELECT provider, COUNT(*) FROM slots WHERE expires > ? GROUP BY provider",
+                (now,)).fetchall())
+        found = dict(rows)
+        return {name: found.get(name, 0) for name in providers}
+
     def check(self):
         """Raise BoardUnavailable unless the file can be written now."""
         with self._lock:
@@ -122,6 +166,7 @@ class SqliteBoard:
                 db.execute(SCHEMA)
                 db.execute(HEARTBEAT)
                 db.execute(COUNTERS)
+                db.execute(SLOTS)
             except sqlite3.Error:
                 db.close()
                 raise

@@ -11,10 +11,14 @@ edge, so anything else is a bug of ours, which reaches the caller as a
 
 import functools
 import time
+import weakref
 from dataclasses import dataclass
 
 from app import errors
 from app.streaming import CommittedStream
+
+# What a caller turned away by a full provider is told: slots free up as calls end.
+SATURATED_RETRY_AFTER = 1.0
 
 
 @dataclass
@@ -44,13 +48,14 @@ class Outcome:
 class ChainWalker:
     """Walk routes with the health cache, the calls-in-flight registry and the recorder."""
 
-    def __init__(self, providers, health, inflight, recorder):
+    def __init__(self, providers, health, inflight, recorder, capacity=None):
         self._providers = providers
         self._health = health
         self._inflight = inflight
         self._recorder = recorder
+        self._capacity = capacity   # app.routing.capacity.Capacity, or None: no caps
 
-    def walk(self, route, ask, *, streaming=False, client=None, payer=None):
+    def walk(self, route, ask, *, streaming=False, client=None, payer=None, can_serve=None):
         """Return the Outcome of the first entry whose ``ask(provider, entry, call)`` succeeds.
 
         ``call`` is the in-flight registration to pass down to the
@@ -58,6 +63,9 @@ class ChainWalker:
         the result is a ``CommittedStream`` that keeps its own books (its
         tokens charged to ``payer``, the request's caller); if the ``client``
         socket closes while the stream runs, its call is aborted.
+        ``can_serve(provider, model)`` tells, before any call, whether an entry
+        could take this request (it decides which entry is the last eligible
+        one, which waits for a slot of a capped provider instead of skipping).
         """
         attempts = []
         served = None
@@ -73,9 +81,15 @@ class ChainWalker:
                     attempts.append(Attempt(entry.label, "cache-unhealthy", index,
                                             retry_after=wait))
                     continue
+                slot = self._claim(route, index, can_serve)
+                if slot is None:
+                    self._health.release(entry.provider)  # a trial admitted above goes unused
+                    attempts.append(Attempt(entry.label, "saturated", index,
+                                            retry_after=SATURATED_RETRY_AFTER))
+                    continue
                 try:
                     outcome = self._try(provider, entry, ask, attempts, index, route.asked,
-                                        streaming, (client, payer))
+                                        streaming, (client, payer), slot)
                 except errors.CapabilityError as error:
                     if route.alias is None:
                         raise
@@ -91,7 +105,39 @@ class ChainWalker:
         finally:
             self._recorder.chain_done(attempts, route.entries, route.alias, served)
 
-    def _try(self, provider, entry, ask, attempts, index, asked, streaming, party):
+    def _claim(self, route, index, can_serve):
+        """Return the entry's slot (waiting if it is the last eligible one), None if full."""
+        if self._capacity is None:
+            return _NO_SLOT
+        provider = route.entries[index].provider
+        slot = self._capacity.claim(provider)
+        if slot is None and (route.alias is None or self._last_eligible(route, index, can_serve)):
+            slot = self._capacity.claim(provider, wait=self._capacity.queue_timeout)
+        return slot
+
+    def _last_eligible(self, route, index, can_serve):
+        """Tell whether no later entry is configured, untripped and able to serve the request."""
+        for entry in route.entries[index + 1:]:
+            provider = self._providers.get(entry.provider)
+            if provider is None or not provider.configured:
+                continue
+            if self._health.is_tripped(entry.provider) or self._health.in_backoff(entry.provider):
+                continue
+            if can_serve is None or can_serve(provider, entry.model):
+                return False
+        return True
+
+    def _try(self, provider, entry, ask, attempts, index, asked, streaming, party, slot):
+        """Call one entry; return its Outcome, or None to move on. Its slot goes back here
+        unless a committed stream took it (that gives it back when it ends)."""
+        try:
+            outcome, slot = self._call(provider, entry, ask, attempts, index, asked, streaming,
+                                       party, slot)
+        finally:
+            self._release(slot)
+        return outcome
+
+    def _call(self, provider, entry, ask, attempts, index, asked, streaming, party, slot):
         started = time.perf_counter()
         call = self._inflight.begin(entry.provider)
         try:
@@ -106,7 +152,7 @@ class ChainWalker:
                 raise
             attempts.append(Attempt(entry.label, error.reason, index, made=True,
                                     retry_after=getattr(error, "retry_after", None)))
-            return None
+            return None, slot
         except BaseException:
             # A bug of ours (or the caller leaving) says nothing about the
             # provider: record nothing, but end a half-open trial.
@@ -118,20 +164,35 @@ class ChainWalker:
             # success when it ends cleanly, so a provider that breaks every
             # stream mid-way still trips.
             self._health.release(entry.provider)
-            result = self._commit(result, entry, asked, call, *party)
+            result = self._commit(result, entry, asked, call, party, slot)
+            slot = _NO_SLOT   # the stream holds it until it ends
         else:
             self._health.record_success(entry.provider)
         self._recorder.llm_success(entry, streaming, seconds)
-        return Outcome(entry, result, attempts, seconds)
+        return Outcome(entry, result, attempts, seconds), slot
 
-    def _commit(self, primed, entry, asked, call, client, payer):
-        """Return the CommittedStream for a primed stream; watch its client, if known."""
-        on_close = None
+    def _commit(self, primed, entry, asked, call, party, slot):
+        """Return the CommittedStream for a primed stream; watch its client, if known.
+
+        The stream gives its slot back when it ends, however it ends.
+        """
+        client, payer = party
+        done = [functools.partial(self._release, slot)]
         if client is not None:
             self._inflight.watch(call, client)
-            on_close = functools.partial(self._inflight.unwatch, call)
+            done.append(functools.partial(self._inflight.unwatch, call))
         settle = functools.partial(self._settle_stream, entry, asked)
-        return CommittedStream(primed, entry, settle, self._recorder, on_close, payer)
+        stream = CommittedStream(primed, entry, settle, self._recorder,
+                                 functools.partial(_run_all, done), payer)
+        if slot is not _NO_SLOT:
+            # A stream dropped unread (its response never iterated, so never
+            # closed) still gives its slot back; a second release is ignored.
+            weakref.finalize(stream, self._release, slot)
+        return stream
+
+    def _release(self, slot):
+        if slot is not _NO_SLOT:
+            self._capacity.release(slot)
 
     def _record_failure(self, entry, error, asked):
         """Tell the metrics and the health cache what a failed call says about the provider."""
@@ -149,6 +210,15 @@ class ChainWalker:
             self._health.record_success(entry.provider)
         else:
             self._record_failure(entry, error, asked)
+
+
+# The slot of a walk without caps (no Capacity), or one already handed to a stream.
+_NO_SLOT = object()
+
+
+def _run_all(actions):
+    for action in actions:
+        action()
 
 
 def exhausted(attempts, asked, refused=()):
