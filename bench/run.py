@@ -191,6 +191,9 @@ def gateway_env(port, plain_url, stream_url, aliases, log_level):
                 "GROQ_API_KEY": "bench-key", "GROQ_BASE_URL": stream_url + "/v1",
                 "TOGETHER_API_KEY": "bench-key", "TOGETHER_BASE_URL": plain_url + "/v1",
                 "TOGETHER_MAX_CONCURRENCY": str(CAP),
+                # No recycling mid-run: a recycled worker's CPU time leaves /proc
+                # with it, and its replacement's warm-up lands in the latencies.
+                "MAX_REQUESTS": "0",
                 # Ollama is always configured and probed: keep its probe on this box.
                 "OLLAMA_URL": stream_url})
     return env

@@ -505,6 +505,8 @@ def start_everything(args, workdir, procs, fakes):
                 "PROMETHEUS_MULTIPROC_DIR": metrics_dir})
     if args.max_requests is not None:
         env["MAX_REQUESTS"] = args.max_requests
+    else:
+        env.pop("MAX_REQUESTS", None)  # the shipped recycling, which a soak should see
     process, url = start_gateway(procs, env)
     wait_until(lambda: ready(url), 30, "a first chat answer through the alias")
     return process, url, metrics_dir
