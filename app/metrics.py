@@ -145,16 +145,18 @@ class Recorder:
         SHARED_STATE_UP.set(1 if up else 0)
 
     def caller_request(self, caller, status):
-        CALLER_REQUESTS.labels(caller, str(status)).inc()
+        self._child(CALLER_REQUESTS, caller, str(status)).inc()
 
     def caller_tokens(self, caller, provider, prompt, completion, cost):
         for kind, count in (("prompt", prompt), ("completion", completion)):
             if count:
-                CALLER_TOKENS.labels(caller, provider, kind).inc(count)
-        COST.labels(caller, provider).inc(cost)
+                self._child(CALLER_TOKENS, caller, provider, kind).inc(count)
+        cost_child = self._child(COST, caller, provider)
+        if cost:  # the series exists from the first call on; a free call writes nothing
+            cost_child.inc(cost)
 
     def quota_rejected(self, caller, limit):
-        QUOTA_REJECTIONS.labels(caller, limit).inc()
+        self._child(QUOTA_REJECTIONS, caller, limit).inc()
 
     def cache_result(self, result):
         self._child(CACHE_REQUESTS, result).inc()
