@@ -2,6 +2,7 @@
 without a board, and what the chain walk does at the cap."""
 
 import gc
+import socket
 import threading
 import time
 
@@ -237,6 +238,15 @@ def test_a_waiter_gets_the_slot_another_call_frees(on_board):
     timer.join()
 
 
+def test_a_waiter_whose_caller_left_gives_up_even_when_a_slot_frees():
+    capacity = Capacity({"ollama": 1})
+    timer = release_later(capacity, capacity.claim("ollama"))
+    asked = []
+    assert capacity.claim("ollama", wait=10, gone=lambda: asked.append(1) or True) is None
+    timer.join()
+    assert asked and capacity.status()["ollama"]["inflight"] == 0
+
+
 def test_a_waiter_gives_up_after_its_wait():
     capacity = Capacity({"ollama": 1})
     capacity.claim("ollama")
@@ -373,6 +383,22 @@ def test_a_directly_named_model_waits_for_a_slot(clock):
     timer = release_later(walk.capacity, walk.capacity.claim("ollama"))
     assert walk.walk("ollama", alias=None).entry.provider == "ollama"
     timer.join()
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "stream"])
+def test_a_caller_who_left_while_queued_gets_no_upstream_call(clock, streaming):
+    walk = Walk(clock, queue_timeout=10)
+    timer = release_later(walk.capacity, walk.capacity.claim("ollama"))
+    ours, theirs = socket.socketpair()
+    theirs.close()   # the caller hung up while its request waited for the slot
+    try:
+        with pytest.raises(errors.ChainExhausted) as caught:
+            walk.walk("ollama", alias=None, client=ours, streaming=streaming)
+    finally:
+        ours.close()
+        timer.join()
+    assert caught.value.attempts == [{"model": "ollama/m", "reason": "saturated"}]
+    assert walk.called == [] and walk.inflight() == 0
 
 
 def test_a_directly_named_model_answers_503_saturated_after_its_wait(capped):

@@ -77,13 +77,17 @@ class Capacity:
 
     # --- taking and giving back ---------------------------------------------------------------
 
-    def claim(self, provider, wait=0.0):
-        """Return a Slot for a call to ``provider``; None if it stays full for ``wait`` s."""
+    def claim(self, provider, wait=0.0, gone=None):
+        """Return a Slot for a call to ``provider``; None if it stays full for ``wait`` s.
+
+        ``gone()`` tells whether the caller has left; a waiter whose caller
+        left gives up, so a slot never goes to an answer nobody will read.
+        """
         if provider not in self.caps:
             return self._counted(Slot(provider, None, UNCAPPED))
         slot = self._take(provider)
         if slot is None and wait > 0:
-            slot = self._wait(provider, wait)
+            slot = self._wait(provider, wait, gone)
         return self._counted(slot) if slot is not None else None
 
     def release(self, slot):
@@ -121,13 +125,13 @@ class Capacity:
             self._local[provider] += 1
         return Slot(provider, None, LOCAL)
 
-    def _wait(self, provider, wait):
+    def _wait(self, provider, wait, gone=None):
         """Ask again until a slot is free or ``wait`` seconds passed; a release here wakes us."""
         deadline = self._clock() + wait
         pause = POLL_FIRST
         while True:
             left = deadline - self._clock()
-            if left <= 0:
+            if left <= 0 or (gone is not None and gone()):
                 return None
             with self._freed:
                 self._freed.wait(min(pause, left))
