@@ -210,6 +210,38 @@ def test_a_failed_board_falls_back_to_the_share_and_back(wall, clock):
     assert capacity.status()["ollama"]["inflight"] == 0
 
 
+class LateBoard(MemoryBoard):
+    """A board that takes a slot but whose answer never arrives (Redis stopped, then resumed)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.late = False
+
+    def acquire_slot(self, provider, cap, token, owner, *, now, ttl):
+        taken = super().acquire_slot(provider, cap, token, owner, now=now, ttl=ttl)
+        if self.late:
+            raise BoardUnavailable("Timeout reading from socket")
+        return taken
+
+
+def test_a_lease_left_by_an_unanswered_acquire_is_given_back_when_the_board_returns(
+        wall, clock):
+    late = LateBoard(wall=wall)
+    guard = GuardedBoard(late, clock=clock)
+    capacity = Capacity({"ollama": 2}, board=guard, workers=2, wall=wall)
+    late.late = True
+    local = capacity.claim("ollama")   # the board ran it, but we only saw the timeout
+    assert local is not None and local.where == "local"
+    capacity.release(local)
+    late.late = False
+    clock.advance(10)
+    assert guard.reconnect()
+    wall.advance(LEASE_TTL / 5)        # the next renewal, well before the lease would expire
+    capacity.renew()
+    assert capacity.status()["ollama"]["inflight"] == 0
+    assert [capacity.claim("ollama") is not None for _ in range(3)] == [True, True, False]
+
+
 def test_listeners_see_every_call_in_and_out():
     capacity = Capacity({"ollama": 1})
     seen = []
