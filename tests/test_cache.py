@@ -147,6 +147,22 @@ def test_cache_keeps_until_ttl_and_not_past_the_entry_bound():
     assert not cache.keep(plan, "answer", {"x": "y" * 5000}, "ollama/qwen2.5:7b", {})
 
 
+@pytest.mark.parametrize("kind, data, fits", [
+    ("vectors", {"vectors": [[0.5] * 600] * 2, "prompt_tokens": 2}, False),
+    ("vectors", {"vectors": [[0.5] * 10] * 2, "prompt_tokens": 2}, True),
+    ("answer", {"choices": [{"message": {"content": "y" * 5000}}]}, False),
+    ("answer", {"choices": [{"message": {"content": "yes"}}]}, True),
+])
+def test_an_entry_that_cannot_fit_is_refused_before_it_is_encoded(
+        monkeypatch, kind, data, fits):
+    encoded = []
+    real = Entry.encode
+    monkeypatch.setattr(Entry, "encode", lambda self: encoded.append(1) or real(self))
+    cache = ResponseCache(CONFIG, wall=Clock())
+    assert cache.keep(chat(), kind, data, "ollama/nomic-embed-text", {}) is fits
+    assert bool(encoded) is fits   # 2 x 600 floats take >= 4,800 bytes: no need to encode
+
+
 class DeadStore:
     name = "dead"
 
