@@ -42,6 +42,22 @@ def test_every_field_that_changes_the_answer_changes_the_key(change):
     assert chat(**change).key != chat().key
 
 
+def test_a_long_list_without_floats_is_keyed_without_a_walk_item_by_item(monkeypatch):
+    import app.cache
+
+    numbers = [[7] * 1000 for _ in range(50)]
+    walked = []
+    real = app.cache._number
+    monkeypatch.setattr(app.cache, "_number", lambda v: walked.append(v) or real(v))
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": numbers}}}
+    key = chat(response_format=schema).key
+    assert len(walked) < 100   # any caller may send max-age: 50,000 ints must not cost 50,000 calls
+    # Floats are still one value with the ints they equal, however deep.
+    mixed = [[7.0] + [7] * 999] + numbers[1:]
+    schema["json_schema"]["schema"]["enum"] = mixed
+    assert chat(response_format=schema).key == key
+
+
 def test_callers_are_apart_unless_the_alias_shares():
     assert chat(caller="a").key != chat(caller="b").key
     assert chat("mana/shared", caller="a").key == chat("mana/shared", caller="b").key
