@@ -36,6 +36,8 @@ EMBEDDING_IGNORED = frozenset({"model", "input", "encoding_format", "user"})
 # ``content_filter``: blocked) is never kept.
 COMPLETE = frozenset({"stop", "tool_calls", "function_call"})
 MAX_TTL = MAX_CACHE_TTL  # a max-age beyond it is taken as it
+# The fewest bytes a float of a vector takes in JSON ("0.0" or "1e-05", and a comma).
+FLOAT_BYTES = 4
 
 
 # --- what a request asks of the cache ---------------------------------------------------------
@@ -80,10 +82,18 @@ def _number(value):
     return value
 
 
+# Values a list may hold as they are: no float to normalise, nothing to descend into.
+PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def _canonical(value):
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in value.items()}
     if isinstance(value, list):
+        # Checked in C: any caller may send max-age, and a 20 MiB body of
+        # numbers walked one by one here cost 4 s of CPU per request.
+        if set(map(type, value)) <= PLAIN:
+            return value
         return [_canonical(v) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
@@ -283,6 +293,8 @@ class ResponseCache:
         """Keep a fresh answer for ``plan.ttl`` seconds; return whether it was kept."""
         if not plan.key or not plan.ttl:
             return False
+        if size_floor(kind, data) > self.max_entry:
+            return False   # refused before it is encoded: that alone can cost seconds
         now = self._wall()
         raw = Entry(kind, data, resolved, usage or {}, now, now + plan.ttl).encode()
         if len(raw) > self.max_entry:
@@ -322,6 +334,23 @@ class ResponseCache:
     def _gauge(self, store, size):
         if self._recorder is not None:
             self._recorder.cache_bytes(store, size)
+
+
+def size_floor(kind, data):
+    """Return a cheap lower bound of the bytes an entry of ``data`` encodes to.
+
+    Embeddings are cached by default, and 2,048 inputs of 3,072 dimensions
+    encode to about 120 MB of JSON (seconds of CPU) only to be refused by
+    CACHE_MAX_ENTRY_BYTES; counting their floats costs microseconds.
+    """
+    if kind == "vectors" and isinstance(data, dict):
+        return FLOAT_BYTES * sum(len(v) for v in data.get("vectors") or ()
+                                 if isinstance(v, list))
+    if kind == "answer" and isinstance(data, dict):
+        return sum(len(c["message"]["content"]) for c in data.get("choices") or ()
+                   if isinstance(c, dict) and isinstance(c.get("message"), dict)
+                   and isinstance(c["message"].get("content"), str))
+    return 0
 
 
 def _count(value):

@@ -60,7 +60,8 @@ class Quotas:
 
     def _add(self, counts):
         """Return ``(values, shared)``: on the board, or this worker's own when it is away."""
-        if self.board is not None:
+        # The quotas' board is their own: nothing else tries it again once down.
+        if self.board is not None and self.board.reconnect():
             values = self.board.add(counts)
             if values is not None:
                 return values, True

@@ -42,6 +42,22 @@ def test_every_field_that_changes_the_answer_changes_the_key(change):
     assert chat(**change).key != chat().key
 
 
+def test_a_long_list_without_floats_is_keyed_without_a_walk_item_by_item(monkeypatch):
+    import app.cache
+
+    numbers = [[7] * 1000 for _ in range(50)]
+    walked = []
+    real = app.cache._number
+    monkeypatch.setattr(app.cache, "_number", lambda v: walked.append(v) or real(v))
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": numbers}}}
+    key = chat(response_format=schema).key
+    assert len(walked) < 100   # any caller may send max-age: 50,000 ints must not cost 50,000 calls
+    # Floats are still one value with the ints they equal, however deep.
+    mixed = [[7.0] + [7] * 999] + numbers[1:]
+    schema["json_schema"]["schema"]["enum"] = mixed
+    assert chat(response_format=schema).key == key
+
+
 def test_callers_are_apart_unless_the_alias_shares():
     assert chat(caller="a").key != chat(caller="b").key
     assert chat("mana/shared", caller="a").key == chat("mana/shared", caller="b").key
@@ -145,6 +161,22 @@ def test_cache_keeps_until_ttl_and_not_past_the_entry_bound():
     clock.now += 2
     assert cache.lookup(plan) is None
     assert not cache.keep(plan, "answer", {"x": "y" * 5000}, "ollama/qwen2.5:7b", {})
+
+
+@pytest.mark.parametrize("kind, data, fits", [
+    ("vectors", {"vectors": [[0.5] * 600] * 2, "prompt_tokens": 2}, False),
+    ("vectors", {"vectors": [[0.5] * 10] * 2, "prompt_tokens": 2}, True),
+    ("answer", {"choices": [{"message": {"content": "y" * 5000}}]}, False),
+    ("answer", {"choices": [{"message": {"content": "yes"}}]}, True),
+])
+def test_an_entry_that_cannot_fit_is_refused_before_it_is_encoded(
+        monkeypatch, kind, data, fits):
+    encoded = []
+    real = Entry.encode
+    monkeypatch.setattr(Entry, "encode", lambda self: encoded.append(1) or real(self))
+    cache = ResponseCache(CONFIG, wall=Clock())
+    assert cache.keep(chat(), kind, data, "ollama/nomic-embed-text", {}) is fits
+    assert bool(encoded) is fits   # 2 x 600 floats take >= 4,800 bytes: no need to encode
 
 
 class DeadStore:

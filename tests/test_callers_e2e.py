@@ -214,6 +214,21 @@ def test_a_dead_board_blocks_no_caller_and_each_worker_takes_its_share(
             assert statuses_of_one.count(200) == 30
 
 
+def test_quotas_are_shared_again_once_the_board_is_back(start, redis_server):  # noqa: F811
+    server = start(SHARED_STATE_URL=redis_server.url, SHARED_STATE_PREFIX="e2e-back:")
+    redis_server.kill()
+    ids, statuses = fill_minute([server], 8, "blip")
+    assert statuses == [200] * 8 and workers_of(server, ids)   # a worker saw it down
+    redis_server.start()
+
+    def every_worker_shared():
+        answers = [requests.get(server.url + "/v1/usage", headers={"X-API-Key": API},
+                                timeout=5) for _ in range(6)]
+        return all(a.json()["callers"][0]["shared"] for a in answers)
+
+    assert wait_until(every_worker_shared, timeout=20, interval=0.5)
+
+
 # --- usage, metrics and cost agree with the upstreams ----------------------------------------
 
 def reported_usage(response):

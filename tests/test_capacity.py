@@ -2,6 +2,7 @@
 without a board, and what the chain walk does at the cap."""
 
 import gc
+import socket
 import threading
 import time
 
@@ -209,6 +210,38 @@ def test_a_failed_board_falls_back_to_the_share_and_back(wall, clock):
     assert capacity.status()["ollama"]["inflight"] == 0
 
 
+class LateBoard(MemoryBoard):
+    """A board that takes a slot but whose answer never arrives (Redis stopped, then resumed)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.late = False
+
+    def acquire_slot(self, provider, cap, token, owner, *, now, ttl):
+        taken = super().acquire_slot(provider, cap, token, owner, now=now, ttl=ttl)
+        if self.late:
+            raise BoardUnavailable("Timeout reading from socket")
+        return taken
+
+
+def test_a_lease_left_by_an_unanswered_acquire_is_given_back_when_the_board_returns(
+        wall, clock):
+    late = LateBoard(wall=wall)
+    guard = GuardedBoard(late, clock=clock)
+    capacity = Capacity({"ollama": 2}, board=guard, workers=2, wall=wall)
+    late.late = True
+    local = capacity.claim("ollama")   # the board ran it, but we only saw the timeout
+    assert local is not None and local.where == "local"
+    capacity.release(local)
+    late.late = False
+    clock.advance(10)
+    assert guard.reconnect()
+    wall.advance(LEASE_TTL / 5)        # the next renewal, well before the lease would expire
+    capacity.renew()
+    assert capacity.status()["ollama"]["inflight"] == 0
+    assert [capacity.claim("ollama") is not None for _ in range(3)] == [True, True, False]
+
+
 def test_listeners_see_every_call_in_and_out():
     capacity = Capacity({"ollama": 1})
     seen = []
@@ -235,6 +268,15 @@ def test_a_waiter_gets_the_slot_another_call_frees(on_board):
     timer = release_later(capacity, capacity.claim("ollama"))
     assert capacity.claim("ollama", wait=10) is not None
     timer.join()
+
+
+def test_a_waiter_whose_caller_left_gives_up_even_when_a_slot_frees():
+    capacity = Capacity({"ollama": 1})
+    timer = release_later(capacity, capacity.claim("ollama"))
+    asked = []
+    assert capacity.claim("ollama", wait=10, gone=lambda: asked.append(1) or True) is None
+    timer.join()
+    assert asked and capacity.status()["ollama"]["inflight"] == 0
 
 
 def test_a_waiter_gives_up_after_its_wait():
@@ -373,6 +415,22 @@ def test_a_directly_named_model_waits_for_a_slot(clock):
     timer = release_later(walk.capacity, walk.capacity.claim("ollama"))
     assert walk.walk("ollama", alias=None).entry.provider == "ollama"
     timer.join()
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "stream"])
+def test_a_caller_who_left_while_queued_gets_no_upstream_call(clock, streaming):
+    walk = Walk(clock, queue_timeout=10)
+    timer = release_later(walk.capacity, walk.capacity.claim("ollama"))
+    ours, theirs = socket.socketpair()
+    theirs.close()   # the caller hung up while its request waited for the slot
+    try:
+        with pytest.raises(errors.ChainExhausted) as caught:
+            walk.walk("ollama", alias=None, client=ours, streaming=streaming)
+    finally:
+        ours.close()
+        timer.join()
+    assert caught.value.attempts == [{"model": "ollama/m", "reason": "saturated"}]
+    assert walk.called == [] and walk.inflight() == 0
 
 
 def test_a_directly_named_model_answers_503_saturated_after_its_wait(capped):

@@ -117,6 +117,25 @@ def test_slots_of_a_worker_killed_with_9_come_back(gateway_factory, fakes, tmp_p
     assert ask(server).headers["X-Mana-LLM-Resolved"] == LOCAL
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_caller_who_leaves_the_queue_costs_no_upstream_call(
+        gateway_factory, fakes, tmp_path, stream):
+    server = start(gateway_factory, fakes, tmp_path, OLLAMA_MAX_CONCURRENCY=1, QUEUE_TIMEOUT=30)
+    fakes["ollama"].behave("delay", path=CHAT, seconds=4)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(ask, server, LOCAL)
+        assert wait_until(lambda: fakes["ollama"].concurrent(CHAT) == 1, timeout=10)
+        # Gives up (closes its connection) while the gateway queues it for the slot.
+        with pytest.raises(requests.Timeout):
+            ask(server, LOCAL, stream=stream, timeout=1)
+        assert holder.result().status_code == 200
+    fakes["ollama"].behave("ok", path=CHAT)
+    # A queued ghost would have taken the freed slot (and run a 4 s generation first).
+    assert ask(server, LOCAL).status_code == 200
+    assert fakes["ollama"].hits(CHAT) == 2
+    assert wait_until(lambda: ollama_load(server)["inflight"] == 0, timeout=10)
+
+
 def test_a_named_capped_model_waits_for_a_slot(gateway_factory, fakes, tmp_path):
     server = start(gateway_factory, fakes, tmp_path, OLLAMA_MAX_CONCURRENCY=1)
     fakes["ollama"].behave("delay", path=CHAT, seconds=2)

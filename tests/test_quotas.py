@@ -194,6 +194,34 @@ def test_a_board_that_is_down_never_blocks_and_each_worker_takes_an_equal_share(
     assert q.usage([caller])[0]["shared"] is False
 
 
+class BlinkingBoard(MemoryBoard):
+    """A board that is down while ``down`` is set (Redis killed, then started again)."""
+
+    down = False
+
+    def add(self, counts):
+        if self.down:
+            raise BoardUnavailable("down")
+        return super().add(counts)
+
+    def check(self):
+        if self.down:
+            raise BoardUnavailable("down")
+
+
+def test_quotas_go_back_to_the_board_when_it_returns(clock):
+    board = BlinkingBoard()
+    q = Quotas(GuardedBoard(board, clock=clock), workers=2, wall=Wall())
+    caller = Caller("api", limits={"requests_per_minute": 60})
+    board.down = True
+    q.admit(caller)
+    assert q.usage([caller])[0]["shared"] is False
+    board.down = False
+    clock.advance(10)   # past the guard's retry
+    q.admit(caller)
+    assert q.usage([caller])[0]["shared"] is True
+
+
 def test_the_share_is_at_least_one():
     q = quotas(None, workers=4)
     caller = Caller("api", limits={"requests_per_minute": 2})

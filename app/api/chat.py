@@ -64,8 +64,10 @@ def chat_completions():
         return _replay(gateway, hit, body)
     if body.get("stream"):
         return _stream(gateway, body, route, plan)
+    # The caller's socket: one who leaves while waiting for a slot gives it up.
     outcome = gateway.walker.walk(
         route, lambda provider, entry, call: provider.chat(body, entry.model, call),
+        client=request.environ.get("gunicorn.socket"),
         can_serve=lambda provider, model: capable(provider, body, model))
     answer = outcome.result
     gateway.recorder.tokens(outcome.entry, answer.get("usage"), g.caller)

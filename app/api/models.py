@@ -91,7 +91,8 @@ def embeddings():
     route = dataclasses.replace(route, entries=tuple(e for e in route.entries
                                                      if e.model == first))
     outcome = gateway.walker.walk(
-        route, lambda provider, entry, call: provider.embed(inputs, entry.model, body, call))
+        route, lambda provider, entry, call: provider.embed(inputs, entry.model, body, call),
+        client=request.environ.get("gunicorn.socket"))
     vectors, prompt_tokens = outcome.result
     gateway.recorder.tokens(outcome.entry, {"prompt_tokens": prompt_tokens}, g.caller)
     g.resolved = outcome.entry.label

@@ -64,6 +64,9 @@ class Capacity:
         self._freed = threading.Condition()
         self._local = {name: 0 for name in self.caps}   # slots taken without the board
         self._held = {}                                  # token -> Slot taken on the board
+        # Tokens of acquires the board did not answer: Redis may still run a
+        # command that timed out here, leaving a lease nobody holds.
+        self._unsure = []                                # (provider, token)
         self._listeners = []
         self._stop = threading.Event()
         self._thread = None
@@ -77,13 +80,17 @@ class Capacity:
 
     # --- taking and giving back ---------------------------------------------------------------
 
-    def claim(self, provider, wait=0.0):
-        """Return a Slot for a call to ``provider``; None if it stays full for ``wait`` s."""
+    def claim(self, provider, wait=0.0, gone=None):
+        """Return a Slot for a call to ``provider``; None if it stays full for ``wait`` s.
+
+        ``gone()`` tells whether the caller has left; a waiter whose caller
+        left gives up, so a slot never goes to an answer nobody will read.
+        """
         if provider not in self.caps:
             return self._counted(Slot(provider, None, UNCAPPED))
         slot = self._take(provider)
         if slot is None and wait > 0:
-            slot = self._wait(provider, wait)
+            slot = self._wait(provider, wait, gone)
         return self._counted(slot) if slot is not None else None
 
     def release(self, slot):
@@ -115,19 +122,21 @@ class Capacity:
                 with self._freed:
                     self._held[token] = slot
                 return slot
+            with self._freed:
+                self._unsure.append((provider, token))
         with self._freed:
             if self._local[provider] >= self._shares[provider]:
                 return None
             self._local[provider] += 1
         return Slot(provider, None, LOCAL)
 
-    def _wait(self, provider, wait):
+    def _wait(self, provider, wait, gone=None):
         """Ask again until a slot is free or ``wait`` seconds passed; a release here wakes us."""
         deadline = self._clock() + wait
         pause = POLL_FIRST
         while True:
             left = deadline - self._clock()
-            if left <= 0:
+            if left <= 0 or (gone is not None and gone()):
                 return None
             with self._freed:
                 self._freed.wait(min(pause, left))
@@ -150,13 +159,31 @@ class Capacity:
     # --- leases -------------------------------------------------------------------------------
 
     def renew(self):
-        """Extend the leases of every slot this worker holds on the board."""
+        """Extend the leases of every slot this worker holds on the board.
+
+        First give back any lease an unanswered acquire may have left there
+        (a board that hung ran it later): otherwise it would hold a slot of
+        the cap, unused, until its lease ran out.
+        """
+        self._give_back_unsure()
         with self._freed:
             tokens = {}
             for token, slot in self._held.items():
                 tokens.setdefault(slot.provider, []).append(token)
         if tokens and self._board is not None:
             self._board.refresh_slots(tokens, now=self._wall(), ttl=self._ttl)
+
+    def _give_back_unsure(self):
+        if self._board is None or not self._board.up:
+            return
+        with self._freed:
+            unsure, self._unsure = self._unsure, []
+        for index, (provider, token) in enumerate(unsure):
+            if not self._board.up:   # gone again: keep the rest for the next renewal
+                with self._freed:
+                    self._unsure.extend(unsure[index:])
+                return
+            self._board.release_slot(provider, token)
 
     def start(self, interval=RENEW_EVERY):
         """Renew this worker's leases in the background (after fork); only with caps and a board."""

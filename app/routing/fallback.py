@@ -16,6 +16,7 @@ import weakref
 from dataclasses import dataclass
 
 from app import errors
+from app.providers.inflight import caller_left
 from app.streaming import CommittedStream
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class ChainWalker:
         transport. With ``streaming``, ``ask`` returns a primed stream and
         the result is a ``CommittedStream`` that keeps its own books (its
         tokens charged to ``payer``, the request's caller); if the ``client``
-        socket closes while the stream runs, its call is aborted.
+        socket closes while the stream runs, its call is aborted; one that closes
+        while the call waits for a slot of a capped provider ends the wait.
         ``can_serve(provider, model)`` tells, before any call, whether an entry
         could take this request (it decides which entry is the last eligible
         one, which waits for a slot of a capped provider instead of skipping).
@@ -84,7 +86,7 @@ class ChainWalker:
                     attempts.append(Attempt(entry.label, "cache-unhealthy", index,
                                             retry_after=wait))
                     continue
-                slot = self._claim(route, index, can_serve)
+                slot = self._claim(route, index, can_serve, client)
                 if slot is None:
                     self._health.release(entry.provider)  # a trial admitted above goes unused
                     attempts.append(Attempt(entry.label, "saturated", index,
@@ -108,14 +110,20 @@ class ChainWalker:
         finally:
             self._recorder.chain_done(attempts, route.entries, route.alias, served)
 
-    def _claim(self, route, index, can_serve):
-        """Return the entry's slot (waiting if it is the last eligible one), None if full."""
+    def _claim(self, route, index, can_serve, client=None):
+        """Return the entry's slot (waiting if it is the last eligible one), None if full.
+
+        A caller who leaves while it waits gives its place up: otherwise each
+        caller that timed out in the queue (and its SDK's retries) would later
+        take a slot and run a whole generation that nobody reads.
+        """
         if self._capacity is None:
             return _NO_SLOT
         provider = route.entries[index].provider
         slot = self._capacity.claim(provider)
         if slot is None and (route.alias is None or self._last_eligible(route, index, can_serve)):
-            slot = self._capacity.claim(provider, wait=self._capacity.queue_timeout)
+            gone = functools.partial(caller_left, client) if client is not None else None
+            slot = self._capacity.claim(provider, wait=self._capacity.queue_timeout, gone=gone)
         return slot
 
     def _last_eligible(self, route, index, can_serve):
