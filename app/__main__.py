@@ -21,26 +21,26 @@ from app.routing.aliases import AliasConfigError, load_aliases
 DOTENV = ".env"
 
 
-def check_aliases(path):
-    """Return the exit status of checking one alias file."""
+def check_file(path, load, error, summary):
+    """Return the exit status of checking one operator file, like ``nginx -t``."""
     try:
-        table = load_aliases(path)
-    except AliasConfigError as exc:
+        table = load(path)
+    except error as exc:
         print(f"mana-llm: {exc}", file=sys.stderr)
         return 1
-    print(f"{path}: ok, {len(table.aliases)} aliases, default {table.default}")
+    print(f"{path}: ok, {summary(table)}")
     return 0
+
+
+def check_aliases(path):
+    """Return the exit status of checking one alias file."""
+    return check_file(path, load_aliases, AliasConfigError,
+                      lambda t: f"{len(t.aliases)} aliases, default {t.default}")
 
 
 def check_keys(path):
     """Return the exit status of checking one key file."""
-    try:
-        table = load_keys(path)
-    except KeysConfigError as exc:
-        print(f"mana-llm: {exc}", file=sys.stderr)
-        return 1
-    print(f"{path}: ok, {len(table.callers)} callers")
-    return 0
+    return check_file(path, load_keys, KeysConfigError, lambda t: f"{len(t.callers)} callers")
 
 
 def print_hash_key(stream):
